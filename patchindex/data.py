@@ -1,0 +1,402 @@
+"""Image sources, decoding and preprocessing.
+
+Sources are image files, folders (searched recursively), glob patterns, text files that list
+one path per line, and datasets in the MVTec AD layout::
+
+    <category>/train/good/*                          normal training images
+    <category>/test/<defect>/*                       test images, "good" for normal ones
+    <category>/ground_truth/<defect>/<stem>_mask.png masks of the defective test images
+
+Every image is decoded to 8-bit RGB whatever its mode (grayscale, RGBA, palette, 16-bit), then
+resized and center-cropped. `Geometry` records both steps so that anomaly maps can be drawn in
+the input image's own coordinates.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Geometry",
+    "ImageLoadError",
+    "Preprocessor",
+    "TestSample",
+    "find_mask",
+    "is_mvtec_category",
+    "load_image",
+    "load_mask",
+    "load_test_split",
+    "resolve_images",
+    "resolve_training_images",
+    "to_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+LIST_EXTENSIONS = (".txt", ".lst", ".list")
+
+ImageSource = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+
+class ImageLoadError(ValueError):
+    """An image file that could not be read or decoded."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding images
+
+
+def _is_glob(text: str) -> bool:
+    return any(char in text for char in "*?[")
+
+
+def _images_in_folder(folder: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    )
+
+
+def _images_in_list_file(list_file: Path) -> list[Path]:
+    paths = []
+    for line in list_file.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path = Path(line).expanduser()
+        if not path.is_absolute():
+            path = list_file.parent / path
+        paths.append(path)
+    return paths
+
+
+def resolve_images(source: ImageSource) -> list[Path]:
+    """Expand a source into a list of image paths.
+
+    A folder gives its image files (recursive, sorted), a glob pattern its matches (sorted), a
+    ``.txt``/``.lst``/``.list`` file the paths it lists (relative ones are taken from the list
+    file's folder), and any other file itself. A sequence is expanded item by item, in order.
+    Raises FileNotFoundError for a path that does not exist and ValueError when nothing is found.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        items = [source]
+    else:
+        items = list(source)
+
+    paths: list[Path] = []
+    for item in items:
+        text = os.fspath(item)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            paths.extend(_images_in_folder(path))
+        elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
+            paths.extend(_images_in_list_file(path))
+        elif path.is_file():
+            paths.append(path)
+        elif _is_glob(text):
+            matches = sorted(Path(match) for match in glob.glob(os.path.expanduser(text), recursive=True))
+            paths.extend(match for match in matches if match.is_file())
+        else:
+            raise FileNotFoundError(f"image source not found: {text}")
+
+    if not paths:
+        raise ValueError(f"no images found in {source!r}; expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+    return paths
+
+
+def is_mvtec_category(path: str | os.PathLike) -> bool:
+    """Return True when `path` is a folder with the MVTec AD ``train/good`` subfolder."""
+    return (Path(path) / "train" / "good").is_dir()
+
+
+def resolve_training_images(source: ImageSource) -> list[Path]:
+    """Expand a training source: an MVTec AD category gives its ``train/good`` images."""
+    if isinstance(source, (str, os.PathLike)) and is_mvtec_category(source):
+        return resolve_images(Path(source) / "train" / "good")
+    return resolve_images(source)
+
+
+@dataclass(frozen=True)
+class TestSample:
+    """One test image of an MVTec AD category: label 0 is normal, 1 anomalous."""
+
+    __test__ = False  # not a pytest test class
+
+    path: Path
+    label: int
+    defect_type: str
+    mask_path: Path | None
+
+
+def find_mask(root: Path, defect_type: str, image_path: Path) -> Path | None:
+    """Return the ground-truth mask of a defective test image, or None when there is none."""
+    folder = root / "ground_truth" / defect_type
+    for extension in (".png", image_path.suffix):
+        candidate = folder / f"{image_path.stem}_mask{extension}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_test_split(root: str | os.PathLike) -> list[TestSample]:
+    """List the test images of an MVTec AD category with their labels and masks.
+
+    Images under ``test/good`` are normal; every other subfolder of ``test`` is a defect type.
+    A defective image without a mask gets ``mask_path=None`` and a warning.
+    """
+    root = Path(root)
+    test_dir = root / "test"
+    if not test_dir.is_dir():
+        raise ValueError(
+            f"{root} has no 'test' folder; evaluation expects the MVTec AD layout "
+            "test/<defect>/*.png with ground_truth/<defect>/<stem>_mask.png"
+        )
+
+    samples = []
+    missing_masks = []
+    for defect_dir in sorted(path for path in test_dir.iterdir() if path.is_dir()):
+        defect_type = defect_dir.name
+        for image_path in _images_in_folder(defect_dir):
+            if defect_type == "good":
+                samples.append(TestSample(image_path, 0, defect_type, None))
+                continue
+            mask_path = find_mask(root, defect_type, image_path)
+            if mask_path is None:
+                missing_masks.append(str(image_path))
+            samples.append(TestSample(image_path, 1, defect_type, mask_path))
+
+    if not samples:
+        raise ValueError(f"no test images found under {test_dir}")
+    if missing_masks and len(missing_masks) < sum(sample.label for sample in samples):
+        logger.warning(
+            "%d defective test images have no mask and are left out of pixel metrics: %s",
+            len(missing_masks),
+            ", ".join(missing_masks[:10]) + (" ..." if len(missing_masks) > 10 else ""),
+        )
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _sixteen_bit_to_uint8(array: np.ndarray) -> np.ndarray:
+    scaled = np.clip(array.astype(np.float32), 0, 65535) * (255.0 / 65535.0)
+    return np.rint(scaled).astype(np.uint8)
+
+
+def _composite_on_black(rgba: np.ndarray) -> np.ndarray:
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    return np.rint(rgba[..., :3].astype(np.float32) * alpha).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+    """Convert a PIL image or an array to 8-bit RGB, (H, W, 3) uint8.
+
+    16-bit and 32-bit integer images are scaled from the 16-bit range, float images from [0, 1],
+    grayscale is replicated to three channels, and transparent pixels are composited on black.
+    """
+    if isinstance(image, Image.Image):
+        if image.mode == "P":
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        elif image.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+            image = image.convert("L" if image.mode == "1" else "RGB")
+        elif image.mode in ("LA", "La", "RGBa", "PA"):
+            image = image.convert("RGBA")
+        array = np.asarray(image)
+    else:
+        array = np.asarray(image)
+
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ValueError(f"expected an image of shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype in (np.uint16, np.int32, np.uint32, np.int64) or array.dtype.str.endswith("u2"):
+        array = _sixteen_bit_to_uint8(array)
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        array = np.rint(np.clip(np.nan_to_num(array.astype(np.float32)), 0.0, 1.0) * 255.0).astype(np.uint8)
+    else:
+        raise ValueError(f"unsupported image dtype {array.dtype}")
+
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    elif array.shape[2] == 4:
+        array = _composite_on_black(array)
+    return np.ascontiguousarray(array)
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as 8-bit RGB, (H, W, 3) uint8, turned upright by its EXIF orientation.
+
+    Raises ImageLoadError, naming the file, when it is missing, empty, not an image or corrupt.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageLoadError(path, "the file is empty (0 bytes)")
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not a recognized image format") from None
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(path, f"image too large: {error}") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(path, f"corrupt or unreadable image ({error})") from None
+
+
+def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
+    """Read a ground-truth mask as (H, W) bool; it must have the image's `shape` (H, W)."""
+    with Image.open(path) as image:
+        mask = np.asarray(image.convert("L")) > 0
+    if mask.shape != tuple(shape):
+        raise ValueError(
+            f"mask {path} has size {mask.shape[1]}x{mask.shape[0]} but its image is "
+            f"{shape[1]}x{shape[0]} (width x height); masks must match their images"
+        )
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Resize and crop that turned an input image into the network input, in pixels.
+
+    Sizes are (height, width). The image of `original_size` was resized to `resized_size`, then
+    the crop of size (crop_height, crop_width) with top-left corner (crop_top, crop_left) taken.
+    """
+
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    crop_top: int
+    crop_left: int
+    crop_height: int
+    crop_width: int
+
+
+def _pair(value: int | Sequence[int] | None, name: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, np.integer)):
+        pair = (int(value), int(value))
+    else:
+        pair = tuple(int(item) for item in value)
+        if len(pair) != 2:
+            raise ValueError(f"{name} must be an int or a (height, width) pair, got {value!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return pair
+
+
+class Preprocessor:
+    """Resize, center-crop and normalize RGB images for the backbone.
+
+    Parameters
+    ----------
+    resize : int, (height, width) or None
+        An int sets the shorter side and keeps the aspect ratio (as torchvision's ``Resize``);
+        a pair sets both sides; None keeps the image size.
+    crop : int, (height, width) or None
+        Size of the center crop taken after resizing; None keeps the whole resized image.
+    mean, std : three floats
+        Per-channel normalization of pixel values scaled to [0, 1].
+    """
+
+    def __init__(
+        self,
+        resize: int | Sequence[int] | None = 256,
+        crop: int | Sequence[int] | None = 224,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+    ):
+        self.resize = resize
+        self.crop = crop
+        self.mean = tuple(float(value) for value in mean)
+        self.std = tuple(float(value) for value in std)
+        self._resize = _pair(resize, "resize")
+        self._crop = _pair(crop, "crop")
+
+    def geometry(self, height: int, width: int) -> Geometry:
+        """Compute the resize and crop for an image of the given size."""
+        if self._resize is None:
+            resized = (height, width)
+        elif isinstance(self.resize, (int, np.integer)):
+            short = self._resize[0]
+            if height <= width:
+                resized = (short, max(1, int(short * width / height)))
+            else:
+                resized = (max(1, int(short * height / width)), short)
+        else:
+            resized = self._resize
+
+        crop = self._crop or resized
+        if crop[0] > resized[0] or crop[1] > resized[1]:
+            raise ValueError(
+                f"crop {crop[1]}x{crop[0]} is larger than the resized image {resized[1]}x{resized[0]} "
+                f"(original {width}x{height}); use a smaller crop or a larger resize"
+            )
+        top = int(round((resized[0] - crop[0]) / 2.0))
+        left = int(round((resized[1] - crop[1]) / 2.0))
+        return Geometry((height, width), resized, top, left, crop[0], crop[1])
+
+    def __call__(self, rgb: np.ndarray) -> tuple[torch.Tensor, Geometry]:
+        """Turn an (H, W, 3) uint8 image into a normalized (3, h, w) float32 tensor."""
+        geometry = self.geometry(rgb.shape[0], rgb.shape[1])
+
+        image = Image.fromarray(rgb)
+        if geometry.resized_size != geometry.original_size:
+            height, width = geometry.resized_size
+            image = image.resize((width, height), Image.BILINEAR)
+        image = image.crop(
+            (
+                geometry.crop_left,
+                geometry.crop_top,
+                geometry.crop_left + geometry.crop_width,
+                geometry.crop_top + geometry.crop_height,
+            )
+        )
+
+        tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (tensor - mean) / std, geometry
+
+
+def iter_batches(items: Iterable, batch_size: int):
+    """Yield lists of up to `batch_size` items."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
