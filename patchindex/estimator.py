@@ -1,0 +1,588 @@
+"""The PatchCore estimator: fit a memory bank on normal images, then score new images."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import __version__
+from .coreset import SparseRandomProjection, coreset_size, k_center_greedy, project_chunks
+from .data import (
+    Geometry,
+    ImageLoadError,
+    Preprocessor,
+    iter_batches,
+    load_image,
+    load_mask,
+    load_test_split,
+    resolve_images,
+    resolve_training_images,
+    to_rgb,
+)
+from .features import FeatureExtractor, default_normalization
+from .index import MemoryBankIndex
+from .metrics import image_auroc, pixel_auroc, pro_score
+from .scoring import anomaly_map, reweighted_image_scores
+from .store import ShardWriter
+
+__all__ = ["FORMAT_VERSION", "ImageResult", "PatchCore", "Prediction"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+BANK_FILE = "memory_bank.npy"
+INDEX_FILE = "index.faiss"
+
+
+@dataclass
+class ImageResult:
+    """The result for one input image; `error` is set, and the rest empty, when it failed."""
+
+    path: str | None
+    score: float = float("nan")
+    anomaly_map: np.ndarray | None = None
+    error: str | None = None
+
+
+@dataclass
+class Prediction:
+    """Image scores (n,) float32 and anomaly maps, one (H_i, W_i) float32 array per image."""
+
+    scores: np.ndarray
+    anomaly_maps: list[np.ndarray] = field(default_factory=list)
+    paths: list[str | None] = field(default_factory=list)
+
+
+def _describe(item: Any) -> str | None:
+    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
+
+
+def _expand_inputs(images: Any) -> list:
+    """Turn a source or a list of paths, arrays and PIL images into a flat list of items."""
+    if isinstance(images, (str, os.PathLike)):
+        return list(resolve_images(images))
+    if isinstance(images, (np.ndarray, Image.Image)):
+        return [images]
+    items = []
+    for item in images:
+        if isinstance(item, (str, os.PathLike)):
+            items.extend(resolve_images(item))
+        else:
+            items.append(item)
+    return items
+
+
+class PatchCore:
+    """PatchCore anomaly detection with an HDF5-streamed, coreset-subsampled memory bank.
+
+    Parameters
+    ----------
+    backbone : str
+        timm model name; see `patchindex.features.FeatureExtractor`.
+    out_indices : two ints or None
+        Backbone stages to combine; None takes the backbone's default.
+    weights : str or path
+        ``"imagenet"`` (offline package or hub), a state-dict file, or ``"random"``.
+    resize, crop : int, (height, width) or None
+        Preprocessing: an int resize sets the shorter side; the crop is taken at the center.
+    embedding_dim : int or None
+        Reduce patch embeddings to this many channels; None keeps them all.
+    coreset_ratio : float in (0, 1]
+        Fraction of training patches kept in the memory bank.
+    projection_dim : int
+        Dimension of the sparse random projection used for coreset selection.
+    num_neighbors : int
+        Support-set size b of the image-score reweighting; 1 gives the maximum patch score.
+    blur_sigma : float
+        Standard deviation, in pixels of the resized image, of the anomaly-map Gaussian blur.
+    batch_size : int
+        Images per backbone forward pass.
+    device : str
+        Torch device for the backbone and the coreset, "cpu" or "cuda".
+    store_dtype : "float16" or "float32"
+        Type of the patch embeddings streamed to HDF5 during fit.
+    shard_rows : int
+        Maximum number of patches per HDF5 shard file.
+    store_dir : path or None
+        Folder for the embedding shards, kept after fit; None uses a temporary folder.
+    strict : bool
+        Stop fit at the first unreadable training image instead of skipping it with a warning.
+    random_state : int or None
+        Seed of the random projection and of the coreset's first center.
+    progress : bool
+        Show tqdm progress bars.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        *,
+        out_indices: Sequence[int] | None = None,
+        weights: str | os.PathLike = "imagenet",
+        resize: int | Sequence[int] | None = 256,
+        crop: int | Sequence[int] | None = 224,
+        embedding_dim: int | None = None,
+        coreset_ratio: float = 0.1,
+        projection_dim: int = 128,
+        num_neighbors: int = 9,
+        blur_sigma: float = 4.0,
+        batch_size: int = 8,
+        device: str = "cpu",
+        store_dtype: str = "float16",
+        shard_rows: int = 1 << 20,
+        store_dir: str | os.PathLike | None = None,
+        strict: bool = False,
+        random_state: int | None = 0,
+        progress: bool = True,
+    ):
+        self.backbone = backbone
+        self.out_indices = out_indices
+        self.weights = weights
+        self.resize = resize
+        self.crop = crop
+        self.embedding_dim = embedding_dim
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.num_neighbors = num_neighbors
+        self.blur_sigma = blur_sigma
+        self.batch_size = batch_size
+        self.device = device
+        self.store_dtype = store_dtype
+        self.shard_rows = shard_rows
+        self.store_dir = store_dir
+        self.strict = strict
+        self.random_state = random_state
+        self.progress = progress
+
+    # -----------------------------------------------------------------------------------------
+    # Set-up
+
+    def _validate_params(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if not isinstance(self.num_neighbors, int) or self.num_neighbors < 1:
+            raise ValueError(f"num_neighbors must be a positive int, got {self.num_neighbors!r}")
+        if not isinstance(self.projection_dim, int) or self.projection_dim < 1:
+            raise ValueError(f"projection_dim must be a positive int, got {self.projection_dim!r}")
+        if not self.blur_sigma >= 0:
+            raise ValueError(f"blur_sigma must be zero or positive, got {self.blur_sigma!r}")
+        if not (isinstance(self.coreset_ratio, (int, float)) and 0 < self.coreset_ratio <= 1):
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio!r}")
+
+    def _build_network(self) -> None:
+        self.feature_extractor_ = FeatureExtractor(
+            self.backbone, self.out_indices, weights=self.weights, embedding_dim=self.embedding_dim
+        ).to(self.device)
+        mean, std = default_normalization(self.backbone)
+        self.preprocessor_ = Preprocessor(self.resize, self.crop, mean, std)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "index_"):
+            raise RuntimeError("this PatchCore is not fitted yet; call fit() or PatchCore.load() first")
+
+    # -----------------------------------------------------------------------------------------
+    # Embedding
+
+    def _embed(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run the backbone on preprocessed images, batching those of equal size."""
+        outputs: list[torch.Tensor | None] = [None] * len(tensors)
+        by_shape: dict[tuple, list[int]] = {}
+        for position, tensor in enumerate(tensors):
+            by_shape.setdefault(tuple(tensor.shape), []).append(position)
+        for positions in by_shape.values():
+            batch = torch.stack([tensors[p] for p in positions]).to(self.device)
+            embeddings = self.feature_extractor_(batch).float().cpu()
+            for row, position in enumerate(positions):
+                outputs[position] = embeddings[row]
+        return outputs
+
+    def _decode(self, item: Any) -> np.ndarray:
+        if isinstance(item, (str, os.PathLike)):
+            return load_image(item)
+        try:
+            return to_rgb(item)
+        except ValueError as error:
+            raise ImageLoadError("<array>", str(error)) from None
+
+    # -----------------------------------------------------------------------------------------
+    # Fit
+
+    def fit(self, source) -> "PatchCore":
+        """Build the memory bank from normal images.
+
+        `source` is an MVTec AD category folder (its ``train/good`` images), an image folder,
+        a glob pattern, a text file listing paths, or a list of paths. Unreadable images are
+        skipped with one warning naming them (`skipped_images_`), unless `strict` is set.
+        """
+        self._validate_params()
+        started = time.perf_counter()
+        paths = resolve_training_images(source)
+        self._build_network()
+
+        temporary = None
+        if self.store_dir is None:
+            temporary = tempfile.mkdtemp(prefix="patchindex-store-")
+            store_dir = Path(temporary)
+        else:
+            store_dir = Path(self.store_dir)
+        try:
+            store, skipped, grid = self._extract_to_store(paths, store_dir)
+            self._select_memory_bank(store)
+        finally:
+            if temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
+
+        self.skipped_images_ = skipped
+        self.feature_grid_ = grid
+        self.n_train_images_ = len(store.images)
+        self.n_train_patches_ = len(store)
+        self.fit_seconds_ = time.perf_counter() - started
+        logger.info(
+            "fitted on %d images (%d patches): memory bank of %d in %.1f s",
+            self.n_train_images_, self.n_train_patches_, len(self.memory_bank_), self.fit_seconds_,
+        )
+        return self
+
+    def _extract_to_store(self, paths: list[Path], store_dir: Path):
+        extractor = self.feature_extractor_
+        writer = ShardWriter(store_dir, extractor.embedding_dim, dtype=self.store_dtype, rows_per_shard=self.shard_rows)
+        used: list[str] = []
+        skipped: list[tuple[str, str]] = []
+        grid = None
+        started = time.perf_counter()
+
+        batches = iter_batches(paths, self.batch_size)
+        total = (len(paths) + self.batch_size - 1) // self.batch_size
+        for batch in tqdm(batches, total=total, desc="features", unit="batch", disable=not self.progress):
+            tensors, kept = [], []
+            for path in batch:
+                try:
+                    tensor, _ = self.preprocessor_(load_image(path))
+                except ImageLoadError as error:
+                    if self.strict:
+                        raise
+                    skipped.append((str(path), error.reason))
+                    continue
+                except ValueError as error:
+                    if self.strict:
+                        raise ValueError(f"cannot preprocess {path}: {error}") from None
+                    skipped.append((str(path), str(error)))
+                    continue
+                tensors.append(tensor)
+                kept.append(path)
+
+            for path, embedding in zip(kept, self._embed(tensors)):
+                dim, height, width = embedding.shape
+                rows = embedding.permute(1, 2, 0).reshape(-1, dim).numpy()
+                positions = np.stack(np.meshgrid(np.arange(height), np.arange(width), indexing="ij"), axis=-1)
+                image_index = np.full(len(rows), len(used), dtype=np.int32)
+                writer.append(rows, image_index, positions.reshape(-1, 2).astype(np.int16))
+                used.append(str(path))
+                grid = (height, width)
+
+        if skipped:
+            logger.warning(
+                "skipped %d unreadable training images: %s",
+                len(skipped), "; ".join(f"{path} ({reason})" for path, reason in skipped),
+            )
+        if not used:
+            raise ValueError(f"none of the {len(paths)} training images could be read")
+        store = writer.close(used)
+        elapsed = time.perf_counter() - started
+        logger.info("extracted %d patches from %d images in %.1f s (%.1f images/s)", len(store), len(used), elapsed, len(used) / elapsed)
+        return store, skipped, grid
+
+    def _select_memory_bank(self, store) -> None:
+        n_patches = len(store)
+        size = coreset_size(n_patches, self.coreset_ratio)
+
+        if size == n_patches:
+            selected = np.arange(n_patches)
+        else:
+            projection = SparseRandomProjection(store.dim, self.projection_dim, random_state=self.random_state)
+            chunks = (chunk for _, chunk in store.iter_chunks())
+            projected = project_chunks(chunks, n_patches, projection, device=self.device)
+            start = int(np.random.default_rng(self.random_state).integers(n_patches))
+            selected = k_center_greedy(projected, size, start_index=start, progress=self.progress)
+            del projected
+
+        self.coreset_indices_ = selected
+        self.memory_bank_ = store.take(selected)
+        self.index_ = MemoryBankIndex("Flat").build(self.memory_bank_)
+
+    # -----------------------------------------------------------------------------------------
+    # Predict
+
+    def iter_predict(self, images, batch_size: int | None = None) -> Iterator[ImageResult]:
+        """Score images one batch at a time, yielding an `ImageResult` per input, in order.
+
+        An image that cannot be read yields a result with `error` set; the others go on.
+        """
+        self._check_fitted()
+        items = _expand_inputs(images)
+        batch_size = batch_size or self.batch_size
+
+        for batch in iter_batches(items, batch_size):
+            results: list[ImageResult] = []
+            tensors, geometries, positions = [], [], []
+            for item in batch:
+                result = ImageResult(_describe(item))
+                results.append(result)
+                try:
+                    tensor, geometry = self.preprocessor_(self._decode(item))
+                except ImageLoadError as error:
+                    result.error = error.reason
+                    continue
+                except ValueError as error:
+                    result.error = str(error)
+                    continue
+                tensors.append(tensor)
+                geometries.append(geometry)
+                positions.append(len(results) - 1)
+
+            if tensors:
+                scores, maps = self._score_tensors(tensors, geometries)
+                for position, score, amap in zip(positions, scores, maps):
+                    results[position].score = float(score)
+                    results[position].anomaly_map = amap
+            yield from results
+
+    def _score_tensors(self, tensors: list[torch.Tensor], geometries: list[Geometry]):
+        embeddings = self._embed(tensors)
+        scores = np.empty(len(tensors), dtype=np.float32)
+        maps: list[np.ndarray | None] = [None] * len(tensors)
+
+        # Images of one size share a patch grid and are searched together.
+        by_grid: dict[tuple, list[int]] = {}
+        for position, embedding in enumerate(embeddings):
+            by_grid.setdefault(tuple(embedding.shape), []).append(position)
+
+        for positions in by_grid.values():
+            dim, height, width = embeddings[positions[0]].shape
+            patches = torch.stack([embeddings[p] for p in positions]).permute(0, 2, 3, 1)
+            patches = patches.reshape(len(positions), height * width, dim).numpy()
+
+            distances, nearest = self.index_.search(patches.reshape(-1, dim), k=1)
+            patch_scores = distances[:, 0].reshape(len(positions), -1)
+            nearest = nearest[:, 0].reshape(len(positions), -1)
+            image_scores = reweighted_image_scores(
+                patches, patch_scores, nearest, self.memory_bank_, self.index_, self.num_neighbors
+            )
+
+            for row, position in enumerate(positions):
+                scores[position] = image_scores[row]
+                grid = patch_scores[row].reshape(height, width)
+                maps[position] = anomaly_map(grid, geometries[position], self.blur_sigma)
+        return scores, maps
+
+    def predict(self, images, batch_size: int | None = None) -> Prediction:
+        """Compute image scores and anomaly maps.
+
+        `images` is a path, folder, glob or list file, or a list of paths, (H, W[, C]) arrays
+        and PIL images. Raises ImageLoadError, naming the file, at the first unreadable image;
+        use `iter_predict` to go on past bad files.
+        """
+        scores, maps, paths = [], [], []
+        for result in self.iter_predict(images, batch_size):
+            if result.error is not None:
+                raise ImageLoadError(result.path or "<array>", result.error)
+            scores.append(result.score)
+            maps.append(result.anomaly_map)
+            paths.append(result.path)
+        return Prediction(np.asarray(scores, dtype=np.float32), maps, paths)
+
+    # -----------------------------------------------------------------------------------------
+    # Evaluate
+
+    def evaluate(self, root: str | os.PathLike, batch_size: int | None = None) -> dict:
+        """Score the test split of an MVTec AD category and compute its metrics.
+
+        Returns a dict with ``image_auroc``, ``pixel_auroc`` and ``pro`` (both None when the
+        category has no masks), ``n_images``, ``n_anomalous``, ``n_failed`` and ``seconds``.
+        Unreadable test images are left out with a warning.
+        """
+        self._check_fitted()
+        started = time.perf_counter()
+        samples = load_test_split(root)
+        has_masks = any(sample.mask_path is not None for sample in samples)
+
+        labels, scores, masks, maps, failed = [], [], [], [], []
+        results = self.iter_predict([sample.path for sample in samples], batch_size)
+        for sample, result in tqdm(zip(samples, results), total=len(samples), desc="evaluate", unit="image", disable=not self.progress):
+            if result.error is not None:
+                failed.append(f"{sample.path} ({result.error})")
+                continue
+            labels.append(sample.label)
+            scores.append(result.score)
+            if not has_masks or (sample.label == 1 and sample.mask_path is None):
+                continue
+            shape = result.anomaly_map.shape
+            if sample.mask_path is None:
+                masks.append(np.zeros(shape, dtype=bool))
+            else:
+                masks.append(load_mask(sample.mask_path, shape))
+            maps.append(result.anomaly_map)
+
+        if failed:
+            logger.warning("left out %d unreadable test images: %s", len(failed), "; ".join(failed))
+        report = {
+            "image_auroc": image_auroc(np.asarray(labels), np.asarray(scores)),
+            "pixel_auroc": pixel_auroc(masks, maps) if maps else None,
+            "pro": pro_score(masks, maps) if maps else None,
+            "n_images": len(labels),
+            "n_anomalous": int(np.sum(labels)),
+            "n_failed": len(failed),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        logger.info("evaluated %s: %s", root, report)
+        return report
+
+    # -----------------------------------------------------------------------------------------
+    # Save and load
+
+    def get_params(self) -> dict:
+        """Return the constructor parameters as a JSON-serializable dict."""
+        params = {}
+        for name in (
+            "backbone", "out_indices", "weights", "resize", "crop", "embedding_dim", "coreset_ratio",
+            "projection_dim", "num_neighbors", "blur_sigma", "batch_size", "device", "store_dtype",
+            "shard_rows", "store_dir", "strict", "random_state", "progress",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            params[name] = value
+        return params
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the fitted model to `directory`: config.json, memory_bank.npy and index.faiss.
+
+        No pickle is used; the backbone is rebuilt from its name and weights on load and
+        checked against the stored SHA-256 of its weights.
+        """
+        self._check_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        extractor = self.feature_extractor_
+        config = {
+            "format_version": FORMAT_VERSION,
+            "patchindex_version": __version__,
+            "params": self.get_params(),
+            "backbone": {
+                "name": extractor.backbone,
+                "out_indices": list(extractor.out_indices),
+                "weights_source": extractor.weights_source,
+                "weights_sha256": extractor.weights_sha256,
+                "stage_channels": list(extractor.stage_channels),
+                "stride": extractor.stride,
+                "embedding_dim": extractor.embedding_dim,
+            },
+            "memory_bank": {"file": BANK_FILE, "shape": list(self.memory_bank_.shape), "dtype": "float32"},
+            "index": {"file": INDEX_FILE, "factory": self.index_.factory},
+            "training": {
+                "n_images": self.n_train_images_,
+                "n_patches": self.n_train_patches_,
+                "feature_grid": list(self.feature_grid_) if self.feature_grid_ else None,
+                "skipped_images": [list(item) for item in self.skipped_images_],
+            },
+        }
+
+        # Each file goes to a temporary name first, so an interrupted save leaves no mix.
+        np.save(directory / (BANK_FILE + ".tmp.npy"), self.memory_bank_, allow_pickle=False)
+        os.replace(directory / (BANK_FILE + ".tmp.npy"), directory / BANK_FILE)
+        self.index_.save(directory / (INDEX_FILE + ".tmp"))
+        os.replace(directory / (INDEX_FILE + ".tmp"), directory / INDEX_FILE)
+        (directory / (CONFIG_FILE + ".tmp")).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        os.replace(directory / (CONFIG_FILE + ".tmp"), directory / CONFIG_FILE)
+        logger.info("saved model to %s", directory)
+        return directory
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike, *, weights: str | os.PathLike | None = None, device: str | None = None
+    ) -> "PatchCore":
+        """Read a model written by `save`.
+
+        `weights` replaces the stored weights location (for a file that moved); the weights
+        must still be the ones the model was fitted with. `device` replaces the stored device.
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model folder not found: {directory}")
+        missing = [name for name in (CONFIG_FILE, BANK_FILE, INDEX_FILE) if not (directory / name).is_file()]
+        if missing:
+            raise ValueError(f"model folder {directory} is incomplete: missing {', '.join(missing)}; save the model again")
+
+        try:
+            config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{directory / CONFIG_FILE} is not valid JSON: {error}") from None
+        version = config.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"model folder {directory} has format version {version!r}, but this patchindex "
+                f"{__version__} reads version {FORMAT_VERSION}; fit the model again with this version"
+            )
+
+        params = dict(config["params"])
+        if weights is not None:
+            params["weights"] = os.fspath(weights)
+        if device is not None:
+            params["device"] = device
+        model = cls(**params)
+        model._build_network()
+        model._check_backbone(config["backbone"], directory)
+
+        bank = np.load(directory / BANK_FILE, allow_pickle=False)
+        index = MemoryBankIndex.load(directory / INDEX_FILE, config["index"]["factory"])
+        expected = tuple(config["memory_bank"]["shape"])
+        if bank.shape != expected or index.ntotal != bank.shape[0] or index.dim != bank.shape[1]:
+            raise ValueError(
+                f"model folder {directory} is inconsistent: config.json expects a memory bank of shape {expected}, "
+                f"{BANK_FILE} has {bank.shape} and {INDEX_FILE} holds {index.ntotal} vectors of dimension {index.dim}"
+            )
+        if bank.shape[1] != model.feature_extractor_.embedding_dim:
+            raise ValueError(
+                f"memory bank dimension {bank.shape[1]} does not match the backbone's embedding dimension "
+                f"{model.feature_extractor_.embedding_dim}"
+            )
+
+        training = config.get("training", {})
+        model.memory_bank_ = bank.astype(np.float32, copy=False)
+        model.index_ = index
+        model.n_train_images_ = training.get("n_images")
+        model.n_train_patches_ = training.get("n_patches")
+        model.feature_grid_ = tuple(training["feature_grid"]) if training.get("feature_grid") else None
+        model.skipped_images_ = [tuple(item) for item in training.get("skipped_images", [])]
+        logger.info("loaded model from %s: memory bank %s", directory, bank.shape)
+        return model
+
+    def _check_backbone(self, stored: dict, directory: Path) -> None:
+        extractor = self.feature_extractor_
+        if stored["name"] != extractor.backbone or list(stored["out_indices"]) != list(extractor.out_indices):
+            raise ValueError(
+                f"backbone mismatch in {directory}: the model was fitted with {stored['name']} stages "
+                f"{stored['out_indices']}, but {extractor.backbone} stages {list(extractor.out_indices)} was built"
+            )
+        if stored["weights_sha256"] != extractor.weights_sha256:
+            raise ValueError(
+                f"backbone mismatch in {directory}: the model was fitted with {stored['name']} weights from "
+                f"{stored['weights_source']} (SHA-256 {stored['weights_sha256'][:12]}...), but the weights loaded now "
+                f"from {extractor.weights_source} differ (SHA-256 {extractor.weights_sha256[:12]}...); "
+                "pass weights= the original weights"
+            )
