@@ -1,0 +1,120 @@
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_bad_images
+from patchindex.cli import main
+
+
+@pytest.fixture(scope="module")
+def cli_model(demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "model"
+    assert main(["fit", "--data", str(demo_data), "--out", str(out), "--coreset-ratio", "0.2", "--seed", "1", "-q"]) == 0
+    return out
+
+
+def test_console_script_registered():
+    scripts = entry_points(group="console_scripts", name="patchindex")
+    assert [script.value for script in scripts] == ["patchindex.cli:main"]
+    completed = subprocess.run([sys.executable, "-m", "patchindex.cli", "--help"], capture_output=True, text=True)
+    assert completed.returncode == 0
+    for command in ("fit", "evaluate", "score", "demo"):
+        assert command in completed.stdout
+
+
+def test_fit_writes_model(cli_model):
+    config = json.loads((cli_model / "config.json").read_text())
+    assert config["params"]["coreset_ratio"] == 0.2
+    assert config["params"]["random_state"] == 1
+    assert config["memory_bank"]["shape"] == [round(12 * 784 * 0.2), 152]
+
+
+def test_evaluate_json(cli_model, demo_data, capsys):
+    assert main(["evaluate", "--model", str(cli_model), "--data", str(demo_data), "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_images"] == 13
+    assert report["image_auroc"] >= 0.95
+    assert report["pixel_auroc"] >= 0.95
+    assert 0 <= report["pro"] <= 1
+
+
+def test_evaluate_without_test_folder(cli_model, tmp_path, capsys):
+    assert main(["evaluate", "--model", str(cli_model), "--data", str(tmp_path), "-q"]) == 2
+    assert "has no 'test' folder" in capsys.readouterr().err
+
+
+def test_score_writes_rows_and_overlays(cli_model, demo_data, tmp_path, capsys):
+    bad = write_bad_images(tmp_path / "bad")
+    good = sorted((demo_data / "test" / "spot").glob("*.png"))
+    out = tmp_path / "scores"
+
+    status = main(["score", "--model", str(cli_model), str(demo_data / "test" / "spot"), str(tmp_path / "bad"), "--out", str(out), "-q"])
+
+    assert status == 1
+    with open(out / "scores.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["path"] for row in rows] == [str(p) for p in good] + sorted(str(p) for p in bad)
+    errors = {row["path"]: row["error"] for row in rows if row["error"]}
+    assert set(errors) == {str(p) for p in bad}
+    for row in rows[:3]:
+        assert float(row["score"]) > 0
+        overlay = Image.open(row["overlay"])
+        assert overlay.size[0] > 300
+        assert np.asarray(overlay).std() > 10
+    assert "3 failed" in capsys.readouterr().out
+
+
+def test_score_allow_errors_and_list_file(cli_model, demo_data, tmp_path):
+    listing = tmp_path / "images.txt"
+    listing.write_text(f"{demo_data / 'test' / 'good' / '000.png'}\n{tmp_path / 'missing.png'}\n")
+    out = tmp_path / "scores"
+    status = main(["score", "--model", str(cli_model), str(listing), "--out", str(out), "--overlays", "none", "--allow-errors", "-q"])
+    assert status == 0
+    rows = list(csv.DictReader(open(out / "scores.csv", newline="")))
+    assert len(rows) == 2
+    assert rows[0]["error"] == ""
+    assert "missing.png" in rows[1]["path"]
+    assert not (out / "overlays").exists()
+
+
+def test_fit_skips_bad_files_and_strict_stops(demo_data, tmp_path):
+    folder = tmp_path / "train"
+    shutil.copytree(demo_data / "train" / "good", folder)
+    bad = write_bad_images(folder)
+    command = [sys.executable, "-m", "patchindex.cli", "fit", "--data", str(folder), "--quiet"]
+
+    lenient = subprocess.run([*command, "--out", str(tmp_path / "m1")], capture_output=True, text=True)
+    strict = subprocess.run([*command, "--out", str(tmp_path / "m2"), "--strict"], capture_output=True, text=True)
+
+    assert lenient.returncode == 0, lenient.stderr
+    assert "3 skipped" in lenient.stdout
+    warning_lines = [line for line in lenient.stderr.splitlines() if "WARNING" in line]
+    assert len(warning_lines) == 1
+    assert all(str(path) in warning_lines[0] for path in bad)
+    assert strict.returncode == 2
+    assert "corrupt.png" in strict.stderr
+    assert "Traceback" not in strict.stderr
+    assert not (tmp_path / "m2").exists()
+
+
+def test_missing_data_is_clear_error(tmp_path, capsys):
+    assert main(["fit", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m"), "-q"]) == 2
+    assert "image source not found" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "-q"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "demo" / "evaluation.json").read_text())
+    assert report["image_auroc"] >= 0.95
+    assert report["pixel_auroc"] >= 0.95
+    assert (tmp_path / "demo" / "model" / "index.faiss").is_file()
+    assert len(list((tmp_path / "demo" / "scores" / "overlays").glob("*.png"))) == 34
+    assert str(tmp_path / "demo" / "scores" / "scores.csv") in out
