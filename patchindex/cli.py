@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     runners = {"fit": _run_fit, "evaluate": _run_evaluate, "score": _run_score, "demo": _run_demo}
     try:
         return runners[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         print(f"patchindex {args.command}: error: {error}", file=sys.stderr)
         return 2
 

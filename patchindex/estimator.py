@@ -181,6 +181,12 @@ class PatchCore:
             raise ValueError(f"blur_sigma must be zero or positive, got {self.blur_sigma!r}")
         if not (isinstance(self.coreset_ratio, (int, float)) and 0 < self.coreset_ratio <= 1):
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio!r}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"invalid device {self.device!r}; use 'cpu' or 'cuda'") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available; use device='cpu'")
 
     def _build_network(self) -> None:
         self.feature_extractor_ = FeatureExtractor(
@@ -545,6 +551,7 @@ class PatchCore:
         if device is not None:
             params["device"] = device
         model = cls(**params)
+        model._validate_params()
         model._build_network()
         model._check_backbone(config["backbone"], directory)
 

@@ -105,3 +105,12 @@ def test_project_chunks_checks_row_count():
     assert tuple(result.shape) == (5, 4)
     with pytest.raises(ValueError, match="expected 6 rows"):
         project_chunks(iter(chunks), 6, projection)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_greedy_same_on_cuda():
+    rng = np.random.default_rng(6)
+    points = torch.from_numpy(_clustered(rng))
+    on_cpu = k_center_greedy(points, 40, start_index=3, progress=False)
+    on_cuda = k_center_greedy(points.cuda(), 40, start_index=3, progress=False)
+    np.testing.assert_array_equal(on_cpu, on_cuda)

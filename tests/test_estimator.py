@@ -56,9 +56,16 @@ def test_invalid_params_rejected(demo_data):
         ({"batch_size": 0}, "batch_size"),
         ({"num_neighbors": 0}, "num_neighbors"),
         ({"coreset_ratio": 1e-5}, "memory bank of 0"),
+        ({"device": "banana"}, "invalid device 'banana'"),
     ]:
         with pytest.raises(ValueError, match=message):
             PatchCore(progress=False, **params).fit(demo_data)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_without_gpu_rejected(demo_data):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        PatchCore(device="cuda", progress=False).fit(demo_data)
 
 
 def test_predict_before_fit_fails():
