@@ -43,7 +43,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
 ImageSource = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
@@ -67,23 +67,42 @@ def _is_glob(text: str) -> bool:
 
 
 def _images_in_folder(folder: Path) -> list[Path]:
-    return sorted(
-        path
-        for path in folder.rglob("*")
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-    )
+    """List image files below `folder`, following symbolic links but not link cycles."""
+    paths = []
+    visited = set()
+    for directory, subdirectories, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited:
+            subdirectories[:] = []
+            continue
+        visited.add(real)
+        for name in files:
+            path = Path(directory) / name
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                paths.append(path)
+    return sorted(paths)
 
 
 def _images_in_list_file(list_file: Path) -> list[Path]:
+    """Expand each line of a list file; relative paths start at the list file's folder.
+
+    Folders and globs are expanded. Other paths are kept even when missing, so that the image
+    loader reports them.
+    """
     paths = []
-    for line in list_file.read_text(encoding="utf-8").splitlines():
+    for line in list_file.read_text(encoding="utf-8-sig").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         path = Path(line).expanduser()
         if not path.is_absolute():
             path = list_file.parent / path
-        paths.append(path)
+        if path.is_dir():
+            paths.extend(_images_in_folder(path))
+        elif not path.exists() and _is_glob(line):
+            paths.extend(Path(match) for match in sorted(glob.glob(str(path), recursive=True)) if Path(match).is_file())
+        else:
+            paths.append(path)
     return paths
 
 
@@ -202,6 +221,31 @@ def _sixteen_bit_to_uint8(array: np.ndarray) -> np.ndarray:
     return np.rint(scaled).astype(np.uint8)
 
 
+def _integers_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale an integer array: values up to 255 are 8-bit, up to 65535 are 16-bit."""
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > 65535:
+        raise ValueError(
+            f"integer image values must lie in [0, 255] or [0, 65535], got [{low}, {high}]; rescale the image"
+        )
+    if high <= 255:
+        return array.astype(np.uint8)
+    return _sixteen_bit_to_uint8(array)
+
+
+def _floats_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale a float array: values in [0, 1] are multiplied by 255, values in [0, 255] kept."""
+    if not np.isfinite(array).all():
+        raise ValueError("float image contains NaN or infinite values")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"float image values must lie in [0, 1] or [0, 255], got [{low:g}, {high:g}]; rescale the image"
+        )
+    scale = 255.0 if high <= 1.0 else 1.0
+    return np.rint(array.astype(np.float32) * scale).astype(np.uint8)
+
+
 def _composite_on_black(rgba: np.ndarray) -> np.ndarray:
     alpha = rgba[..., 3:4].astype(np.float32) / 255.0
     return np.rint(rgba[..., :3].astype(np.float32) * alpha).astype(np.uint8)
@@ -210,10 +254,15 @@ def _composite_on_black(rgba: np.ndarray) -> np.ndarray:
 def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
     """Convert a PIL image or an array to 8-bit RGB, (H, W, 3) uint8.
 
-    16-bit and 32-bit integer images are scaled from the 16-bit range, float images from [0, 1],
-    grayscale is replicated to three channels, and transparent pixels are composited on black.
+    PIL 16-bit modes and uint16 arrays are scaled from [0, 65535]. Other integer arrays are read
+    as 8-bit when their maximum is at most 255, else as 16-bit. Float images are read as [0, 1]
+    when their maximum is at most 1, else as [0, 255]. Values outside these ranges raise
+    ValueError. Grayscale is replicated to three channels, and transparent pixels are
+    composited on black.
     """
+    sixteen_bit = False
     if isinstance(image, Image.Image):
+        sixteen_bit = image.mode.startswith("I")
         if image.mode == "P":
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         elif image.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
@@ -221,22 +270,29 @@ def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
         elif image.mode in ("LA", "La", "RGBa", "PA"):
             image = image.convert("RGBA")
         array = np.asarray(image)
+    elif isinstance(image, np.ndarray):
+        array = image
     else:
-        array = np.asarray(image)
+        raise ValueError(f"expected a path, a numpy array or a PIL image, got {type(image).__name__}")
 
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
         raise ValueError(f"expected an image of shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
 
+    if array.size == 0:
+        raise ValueError(f"empty image of shape {array.shape}")
+
     if array.dtype == np.uint8:
         pass
-    elif array.dtype in (np.uint16, np.int32, np.uint32, np.int64) or array.dtype.str.endswith("u2"):
-        array = _sixteen_bit_to_uint8(array)
     elif array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
+    elif sixteen_bit or array.dtype == np.uint16:
+        array = _sixteen_bit_to_uint8(array)
+    elif np.issubdtype(array.dtype, np.integer):
+        array = _integers_to_uint8(array)
     elif np.issubdtype(array.dtype, np.floating):
-        array = np.rint(np.clip(np.nan_to_num(array.astype(np.float32)), 0.0, 1.0) * 255.0).astype(np.uint8)
+        array = _floats_to_uint8(array)
     else:
         raise ValueError(f"unsupported image dtype {array.dtype}")
 
@@ -254,6 +310,8 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     try:
+        if path.is_dir():
+            raise ImageLoadError(path, "is a folder, not an image file")
         if path.stat().st_size == 0:
             raise ImageLoadError(path, "the file is empty (0 bytes)")
         with Image.open(path) as image:
@@ -262,6 +320,10 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
             return to_rgb(image)
     except ImageLoadError:
         raise
+    except FileNotFoundError:
+        raise ImageLoadError(path, "file not found") from None
+    except PermissionError:
+        raise ImageLoadError(path, "permission denied") from None
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not a recognized image format") from None
     except Image.DecompressionBombError as error:
@@ -343,9 +405,19 @@ class Preprocessor:
         self.std = tuple(float(value) for value in std)
         self._resize = _pair(resize, "resize")
         self._crop = _pair(crop, "crop")
+        if self._crop is not None and self._resize is not None:
+            # Reject sizes that fail for every image. An int resize sets the shorter side.
+            if isinstance(resize, (int, np.integer)):
+                too_small = self._resize[0] < min(self._crop)
+            else:
+                too_small = self._resize[0] < self._crop[0] or self._resize[1] < self._crop[1]
+            if too_small:
+                raise ValueError(f"resize {resize!r} is smaller than crop {crop!r}; use a resize at least as large as the crop")
 
     def geometry(self, height: int, width: int) -> Geometry:
         """Compute the resize and crop for an image of the given size."""
+        if height < 1 or width < 1:
+            raise ValueError(f"empty image of size {width}x{height}")
         if self._resize is None:
             resized = (height, width)
         elif isinstance(self.resize, (int, np.integer)):
@@ -371,18 +443,18 @@ class Preprocessor:
         """Turn an (H, W, 3) uint8 image into a normalized (3, h, w) float32 tensor."""
         geometry = self.geometry(rgb.shape[0], rgb.shape[1])
 
+        # Resample only the cropped region: the same pixels as resizing the whole image and then
+        # cropping, without building the resized image (huge for long, thin images).
         image = Image.fromarray(rgb)
-        if geometry.resized_size != geometry.original_size:
-            height, width = geometry.resized_size
-            image = image.resize((width, height), Image.BILINEAR)
-        image = image.crop(
-            (
-                geometry.crop_left,
-                geometry.crop_top,
-                geometry.crop_left + geometry.crop_width,
-                geometry.crop_top + geometry.crop_height,
-            )
+        scale_y = geometry.original_size[0] / geometry.resized_size[0]
+        scale_x = geometry.original_size[1] / geometry.resized_size[1]
+        box = (
+            geometry.crop_left * scale_x,
+            geometry.crop_top * scale_y,
+            (geometry.crop_left + geometry.crop_width) * scale_x,
+            (geometry.crop_top + geometry.crop_height) * scale_y,
         )
+        image = image.resize((geometry.crop_width, geometry.crop_height), Image.BILINEAR, box=box)
 
         tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
         mean = torch.tensor(self.mean).view(3, 1, 1)

@@ -8,7 +8,7 @@ A store is a folder of shards ``shard-00000.h5``, ``shard-00001.h5``, ... and a
 - ``patch_position``: (n, 2) int16, the patch's (row, column) on the feature grid.
 
 Rows are appended batch by batch and go straight to disk, so memory does not grow with the
-number of images; readers go through the rows in chunks.
+number of images. Readers go through the rows in chunks.
 """
 
 from __future__ import annotations

@@ -188,3 +188,81 @@ def test_preprocessor_rejects_oversized_crop():
         Preprocessor(None, 224)(np.zeros((100, 300, 3), np.uint8))
     with pytest.raises(ValueError, match="resize"):
         Preprocessor((1, 2, 3), 224)
+
+
+def test_integer_and_float_arrays_scaled_by_range():
+    image = np.arange(0, 240, dtype=np.uint8).reshape(12, 20)
+    expected = to_rgb(image)
+
+    np.testing.assert_array_equal(to_rgb(image.astype(np.int64)), expected)
+    np.testing.assert_array_equal(to_rgb(image.astype(np.float64)), expected)
+    np.testing.assert_array_equal(to_rgb(image.astype(np.float32) / 255.0), expected)
+    np.testing.assert_array_equal(to_rgb(image.astype(np.int32) * 257), expected)
+    np.testing.assert_array_equal(to_rgb(image.astype(np.uint16) * 257), expected)
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.full((4, 4), -1, np.int64), r"\[0, 255\] or \[0, 65535\]"),
+        (np.full((4, 4), 70000, np.int64), r"\[0, 255\] or \[0, 65535\]"),
+        (np.full((4, 4), 300.0), r"\[0, 1\] or \[0, 255\]"),
+        (np.full((4, 4), np.nan), "NaN"),
+        (np.zeros((0, 5, 3), np.uint8), "empty image"),
+        ("not an image", "got str"),
+    ],
+)
+def test_to_rgb_rejects_out_of_range(array, message):
+    with pytest.raises(ValueError, match=message):
+        to_rgb(array)
+
+
+def test_float_tiff_in_8bit_range(tmp_path):
+    values = np.linspace(0, 255, 30 * 20, dtype=np.float32).reshape(20, 30)
+    Image.fromarray(values).save(tmp_path / "float.tiff")
+    rgb = load_image(tmp_path / "float.tiff")
+    assert rgb[0, 0, 0] == 0
+    assert rgb[-1, -1, 0] == 255
+
+
+def test_folder_follows_symlinks_without_cycles(tmp_path):
+    image = np.zeros((8, 8, 3), np.uint8)
+    real = tmp_path / "real"
+    _save(real / "a.png", image)
+    _save(real / "b.png", image)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "linked").symlink_to(real, target_is_directory=True)
+    (root / "linked_again").symlink_to(root, target_is_directory=True)  # a cycle
+
+    found = resolve_images(root)
+
+    assert [path.name for path in found] == ["a.png", "b.png"]
+
+
+def test_list_file_expands_folders_and_keeps_missing(tmp_path):
+    image = np.zeros((8, 8, 3), np.uint8)
+    a = _save(tmp_path / "imgs" / "a.png", image)
+    b = _save(tmp_path / "imgs" / "b.gif", image)
+    listing = tmp_path / "list.lst"
+    listing.write_bytes("\ufeffimgs\nmissing.png\n".encode("utf-8"))
+
+    assert resolve_images(listing) == [a, b, tmp_path / "missing.png"]
+    with pytest.raises(ImageLoadError, match="file not found"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ImageLoadError, match="is a folder"):
+        load_image(tmp_path / "imgs")
+
+
+def test_preprocessor_long_thin_image():
+    strip = np.random.default_rng(0).integers(0, 255, (8, 20000, 3), dtype=np.uint8)
+    tensor, geometry = Preprocessor(256, 224)(strip)
+    assert geometry.resized_size == (256, 640000)
+    assert tuple(tensor.shape) == (3, 224, 224)
+
+
+def test_preprocessor_rejects_resize_below_crop():
+    with pytest.raises(ValueError, match="resize 100 is smaller than crop 224"):
+        Preprocessor(100, 224)
+    with pytest.raises(ValueError, match="empty image"):
+        Preprocessor(256, 224).geometry(0, 10)
