@@ -105,26 +105,36 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[0, 0]
 
 
+def _linear_taps(n_out: int, scale: float, offset: float, n_in: int):
+    """Return source indices (i0, i1) and weights w for linear resampling along one axis.
+
+    Output pixel centre j sits at (j + 0.5) * scale - offset in source pixels. Positions
+    beyond the source are clamped, which repeats its border values.
+    """
+    position = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - offset - 0.5
+    position = np.clip(position, 0.0, n_in - 1)
+    lower = np.floor(position).astype(np.int64)
+    upper = np.minimum(lower + 1, n_in - 1)
+    return lower, upper, (position - lower).astype(np.float32)
+
+
 def anomaly_map(patch_grid: np.ndarray, geometry: Geometry, sigma: float = 4.0) -> np.ndarray:
     """Turn a patch-score grid (h, w) into an anomaly map (H, W) float32 of the input image.
 
     The grid covers the network input, that is the crop of the resized image. It is upsampled
-    bilinearly to the crop and extended to the whole resized image by repeating its border
-    values, because pixels that the crop cut off have no patches of their own. The result is
-    blurred with a Gaussian of `sigma` pixels of the resized image, then resized bilinearly to
-    the original image size.
+    bilinearly to the crop and blurred with a Gaussian of `sigma` crop pixels. The result is
+    resampled linearly at every pixel of the original image. Pixels that the crop cut off have
+    no patches of their own, so they repeat the value at the nearest crop border.
     """
     grid = torch.from_numpy(np.ascontiguousarray(patch_grid, dtype=np.float32))[None, None]
     crop = F.interpolate(grid, size=(geometry.crop_height, geometry.crop_width), mode="bilinear", align_corners=False)
+    crop = gaussian_blur(crop[0, 0], sigma).numpy()
 
+    # Work is proportional to the crop and the output, never to the resized image, which can
+    # be huge for long, thin inputs.
+    height, width = geometry.original_size
     resized_height, resized_width = geometry.resized_size
-    top, left = geometry.crop_top, geometry.crop_left
-    bottom = resized_height - top - geometry.crop_height
-    right = resized_width - left - geometry.crop_width
-    if top or left or bottom or right:
-        crop = F.pad(crop, (left, right, top, bottom), mode="replicate")
-
-    blurred = gaussian_blur(crop[0, 0], sigma)
-    if geometry.resized_size != geometry.original_size:
-        blurred = F.interpolate(blurred[None, None], size=geometry.original_size, mode="bilinear", align_corners=False)[0, 0]
-    return blurred.numpy()
+    top, bottom, weight_y = _linear_taps(height, resized_height / height, geometry.crop_top, geometry.crop_height)
+    left, right, weight_x = _linear_taps(width, resized_width / width, geometry.crop_left, geometry.crop_width)
+    rows = crop[top] * (1.0 - weight_y)[:, None] + crop[bottom] * weight_y[:, None]
+    return np.ascontiguousarray(rows[:, left] * (1.0 - weight_x) + rows[:, right] * weight_x, dtype=np.float32)

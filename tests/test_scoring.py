@@ -130,3 +130,20 @@ def test_scores_independent_of_batch_and_order(fitted_model, demo_data):
     for a, b in zip(one.anomaly_maps, many.anomaly_maps):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     assert np.isfinite(one.scores).all()
+
+
+def test_map_of_long_thin_image_stays_small():
+    import tracemalloc
+
+    geometry = Preprocessor(256, 224).geometry(8, 20000)  # resized to 256 x 640000
+    grid = np.zeros((28, 28), np.float32)
+    grid[14, 3] = 1.0
+
+    tracemalloc.start()
+    amap = anomaly_map(grid, geometry)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+
+    assert amap.shape == (8, 20000)
+    assert peak < 20 * 2**20
+    assert 0 < np.argmax(amap[4]) < 20000
