@@ -15,6 +15,19 @@ __all__ = ["main"]
 logger = logging.getLogger("patchindex")
 
 
+def _size(text: str) -> int | None:
+    """Parse a --resize or --crop value: a positive number of pixels, or 'none'."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels or 'none', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of pixels or 'none', got {text!r}")
+    return value
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors, no progress bars")
     parser.add_argument("--device", default=None, help="torch device for the backbone and coreset, e.g. cpu or cuda")
@@ -32,8 +45,10 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--weights", default="imagenet", help="'imagenet' (default), a state-dict file, or 'random'")
     fit.add_argument("--coreset-ratio", type=float, default=0.1, help="fraction of training patches kept (default 0.1)")
     fit.add_argument("--seed", type=int, default=0, help="random seed of the projection and the first coreset center")
-    fit.add_argument("--resize", type=int, default=256, help="shorter image side after resizing, in pixels (default 256)")
-    fit.add_argument("--crop", type=int, default=224, help="center crop size in pixels (default 224)")
+    fit.add_argument("--resize", type=_size, default=256, help="shorter image side after resizing in pixels, or 'none' (default 256)")
+    fit.add_argument("--crop", type=_size, default=224, help="center crop size in pixels, or 'none' for the whole image (default 224)")
+    fit.add_argument("--num-neighbors", type=int, default=9, help="support set size of the image-score reweighting; 1 takes the maximum patch score (default 9)")
+    fit.add_argument("--embedding-dim", type=int, default=None, help="reduce patch embeddings to this many channels (default: keep all)")
     fit.add_argument("--store-dir", default=None, help="keep the HDF5 embedding shards in this folder")
     fit.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     _add_common(fit)
@@ -71,7 +86,7 @@ def _overrides(args: argparse.Namespace) -> dict:
     values = {"progress": not args.quiet}
     if args.device:
         values["device"] = args.device
-    if args.batch_size:
+    if args.batch_size is not None:
         values["batch_size"] = args.batch_size
     return values
 
@@ -88,6 +103,9 @@ def _load_model(args: argparse.Namespace):
 def _run_fit(args: argparse.Namespace) -> int:
     from .estimator import PatchCore
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder; choose a folder for the model")
     model = PatchCore(
         args.backbone,
         weights=args.weights,
@@ -95,6 +113,8 @@ def _run_fit(args: argparse.Namespace) -> int:
         random_state=args.seed,
         resize=args.resize,
         crop=args.crop,
+        num_neighbors=args.num_neighbors,
+        embedding_dim=args.embedding_dim,
         store_dir=args.store_dir,
         strict=args.strict,
         **_overrides(args),
@@ -116,7 +136,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         for key, value in report.items():
-            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+            if value is None:
+                value = "n/a (no masks)"
+            elif key in ("image_auroc", "pixel_auroc", "pro"):
+                value = f"{value:.4f}"
+            print(f"{key}: {value}")
     return 0
 
 
@@ -133,6 +157,16 @@ def score_to_folder(model, inputs, out: Path, overlays: str = "all") -> tuple[in
     overlay_dir = out / "overlays"
     if overlays != "none":
         overlay_dir.mkdir(exist_ok=True)
+        stale = list(overlay_dir.glob("[0-9][0-9][0-9][0-9][0-9]_*.png"))
+        for path in stale:
+            path.unlink()
+        if stale:
+            logger.info("removed %d overlays of an earlier run from %s", len(stale), overlay_dir)
+
+    # One color scale for every image of the model: from the typical training patch score
+    # (99th percentile) to three times that value.
+    reference = getattr(model, "training_patch_score_p99_", None)
+    vmin, vmax = (reference, 3.0 * reference) if reference else (0.0, None)
 
     scored = failed = 0
     with open(out / "scores.csv", "w", newline="", encoding="utf-8") as handle:
@@ -142,7 +176,10 @@ def score_to_folder(model, inputs, out: Path, overlays: str = "all") -> tuple[in
             overlay = ""
             if result.error is None and overlays != "none" and result.path is not None:
                 overlay_path = overlay_dir / f"{number:05d}_{Path(result.path).stem}.png"
-                save_overlay(overlay_path, load_image(result.path), result.anomaly_map, result.score, title=result.path)
+                save_overlay(
+                    overlay_path, load_image(result.path), result.anomaly_map, result.score,
+                    vmin=vmin, vmax=vmax, title=result.path,
+                )
                 overlay = str(overlay_path)
             if result.error is None:
                 scored += 1

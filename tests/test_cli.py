@@ -109,6 +109,24 @@ def test_missing_data_is_clear_error(tmp_path, capsys):
     assert "image source not found" in capsys.readouterr().err
 
 
+def test_fit_checks_out_before_work(demo_data, tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    assert main(["fit", "--data", str(demo_data), "--out", str(target), "-q"]) == 2
+    assert "--out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--data", str(demo_data), "--out", str(tmp_path / "m"), "--crop", "0"])
+
+
+def test_score_missing_input_gets_row(cli_model, demo_data, tmp_path):
+    out = tmp_path / "scores"
+    good = demo_data / "test" / "good" / "000.png"
+    status = main(["score", "--model", str(cli_model), str(good), str(tmp_path / "missing.png"), "--out", str(out), "-q"])
+    rows = list(csv.DictReader(open(out / "scores.csv", newline="")))
+    assert status == 1
+    assert [row["error"] for row in rows] == ["", "file not found"]
+
+
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "-q"]) == 0
     out = capsys.readouterr().out
