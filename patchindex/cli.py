@@ -15,17 +15,17 @@ __all__ = ["main"]
 logger = logging.getLogger("patchindex")
 
 
-def _size(text: str) -> int | None:
-    """Parse a --resize or --crop value: a positive number of pixels, or 'none'."""
+def _size(text: str) -> int | tuple[int, int] | None:
+    """Parse a --resize or --crop value: pixels N, HEIGHTxWIDTH, or 'none'."""
     if text.lower() == "none":
         return None
     try:
-        value = int(text)
+        values = tuple(int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of pixels or 'none', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of pixels or 'none', got {text!r}")
-    return value
+        values = ()
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive pixels N or HEIGHTxWIDTH, or 'none', got {text!r}")
+    return values[0] if len(values) == 1 else values
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +45,14 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--weights", default="imagenet", help="'imagenet' (default), a state-dict file, or 'random'")
     fit.add_argument("--coreset-ratio", type=float, default=0.1, help="fraction of training patches kept (default 0.1)")
     fit.add_argument("--seed", type=int, default=0, help="random seed of the projection and the first coreset center")
-    fit.add_argument("--resize", type=_size, default=256, help="shorter image side after resizing in pixels, or 'none' (default 256)")
-    fit.add_argument("--crop", type=_size, default=224, help="center crop size in pixels, or 'none' for the whole image (default 224)")
+    fit.add_argument(
+        "--resize", type=_size, default=256,
+        help="resize: N pixels for the shorter side, HEIGHTxWIDTH, or 'none' (default 256)",
+    )
+    fit.add_argument(
+        "--crop", type=_size, default=224,
+        help="center crop: N or HEIGHTxWIDTH pixels, or 'none' for the whole image (default 224)",
+    )
     fit.add_argument("--num-neighbors", type=int, default=9, help="support set size of the image-score reweighting; 1 takes the maximum patch score (default 9)")
     fit.add_argument("--embedding-dim", type=int, default=None, help="reduce patch embeddings to this many channels (default: keep all)")
     fit.add_argument("--store-dir", default=None, help="keep the HDF5 embedding shards in this folder")

@@ -115,6 +115,7 @@ def k_center_greedy(
     if not 0 <= start_index < n:
         raise ValueError(f"start_index must be between 0 and {n - 1}, got {start_index}")
 
+    # NOTE: tests compare CPU and CUDA results, but no CUDA device has run them yet.
     started = time.perf_counter()
     device = features.device
     squared_norms = (features * features).sum(dim=1)

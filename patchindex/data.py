@@ -363,6 +363,11 @@ class Geometry:
     crop_height: int
     crop_width: int
 
+    @property
+    def coverage(self) -> float:
+        """Fraction of the image area that the crop keeps, in (0, 1]."""
+        return (self.crop_height * self.crop_width) / (self.resized_size[0] * self.resized_size[1])
+
 
 def _pair(value: int | Sequence[int] | None, name: str) -> tuple[int, int] | None:
     if value is None:

@@ -56,6 +56,21 @@ class ImageResult:
     score: float = float("nan")
     anomaly_map: np.ndarray | None = None
     error: str | None = None
+    geometry: Geometry | None = None
+
+
+def _warn_partial_coverage(coverage: list[tuple[str, Geometry]], stage: str) -> None:
+    """Warn once when the center crop drops more than half of some images."""
+    partial = [(name, geometry) for name, geometry in coverage if geometry.coverage < 0.5]
+    if not partial:
+        return
+    name, geometry = min(partial, key=lambda item: item[1].coverage)
+    logger.warning(
+        "%s: the center crop keeps less than half of %d of %d images (least: %.0f%% of %s), and "
+        "anomalies outside the crop are not seen; use crop=None (--crop none) or a square "
+        "resize such as (256, 256) (--resize 256x256) to cover whole images",
+        stage, len(partial), len(coverage), 100 * geometry.coverage, name,
+    )
 
 
 @dataclass
@@ -349,6 +364,7 @@ class PatchCore:
         writer = ShardWriter(store_dir, extractor.embedding_dim, dtype=self.store_dtype, rows_per_shard=self.shard_rows)
         used: list[str] = []
         skipped: list[tuple[str, str]] = []
+        coverage: list[tuple[str, Geometry]] = []
         grid = None
         started = time.perf_counter()
 
@@ -359,7 +375,7 @@ class PatchCore:
             for number, item in batch:
                 name = _describe(item) or f"<input {number}>"
                 try:
-                    tensor, _ = self.preprocessor_(self._decode(item))
+                    tensor, geometry = self.preprocessor_(self._decode(item))
                 except ImageLoadError as error:
                     if self.strict:
                         raise
@@ -372,6 +388,7 @@ class PatchCore:
                     continue
                 tensors.append(tensor)
                 names.append(name)
+                coverage.append((name, geometry))
 
             for name, embedding in zip(names, self._embed(tensors)):
                 dim, height, width = embedding.shape
@@ -392,6 +409,7 @@ class PatchCore:
             )
         if not used:
             raise ValueError(f"none of the {len(items)} training images could be read")
+        _warn_partial_coverage(coverage, "fit")
         store = writer.close(used)
         elapsed = time.perf_counter() - started
         logger.info("extracted %d patches from %d images in %.1f s (%.1f images/s)", len(store), len(used), elapsed, len(used) / elapsed)
@@ -462,9 +480,10 @@ class PatchCore:
 
             if tensors:
                 scores, maps = self._score_tensors(tensors, geometries)
-                for position, score, amap in zip(positions, scores, maps):
+                for position, score, amap, geometry in zip(positions, scores, maps, geometries):
                     results[position].score = float(score)
                     results[position].anomaly_map = amap
+                    results[position].geometry = geometry
             yield from results
 
     def _score_tensors(self, tensors: list[torch.Tensor], geometries: list[Geometry]):
@@ -526,7 +545,7 @@ class PatchCore:
         samples = load_test_split(root)
         has_masks = any(sample.mask_path is not None for sample in samples)
 
-        labels, scores, masks, maps, failed = [], [], [], [], []
+        labels, scores, masks, maps, failed, coverage = [], [], [], [], [], []
         results = self.iter_predict([sample.path for sample in samples], batch_size)
         for sample, result in tqdm(zip(samples, results), total=len(samples), desc="evaluate", unit="image", disable=not self.progress):
             if result.error is not None:
@@ -534,6 +553,7 @@ class PatchCore:
                 continue
             labels.append(sample.label)
             scores.append(result.score)
+            coverage.append((str(sample.path), result.geometry))
             if not has_masks or (sample.label == 1 and sample.mask_path is None):
                 continue
             shape = result.anomaly_map.shape
@@ -545,6 +565,7 @@ class PatchCore:
 
         if failed:
             logger.warning("left out %d unreadable test images: %s", len(failed), "; ".join(failed))
+        _warn_partial_coverage(coverage, "evaluate")
         report = {
             "image_auroc": image_auroc(np.asarray(labels), np.asarray(scores)),
             "pixel_auroc": pixel_auroc(masks, maps) if maps else None,

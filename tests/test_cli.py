@@ -136,3 +136,15 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "demo" / "model" / "index.faiss").is_file()
     assert len(list((tmp_path / "demo" / "scores" / "overlays").glob("*.png"))) == 34
     assert str(tmp_path / "demo" / "scores" / "scores.csv") in out
+
+
+def test_size_options_parse():
+    from patchindex.cli import _build_parser
+
+    parser = _build_parser()
+    args = parser.parse_args(["fit", "--data", "d", "--out", "o", "--resize", "256x320", "--crop", "none"])
+    assert args.resize == (256, 320)
+    assert args.crop is None
+    for bad in ("0", "-5", "12x", "axb"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["fit", "--data", "d", "--out", "o", "--crop", bad])

@@ -297,3 +297,13 @@ def test_training_score_reference_saved(fitted_model, tmp_path):
     assert fitted_model.training_patch_score_p99_ > 0
     fitted_model.save(tmp_path / "model")
     assert PatchCore.load(tmp_path / "model").training_patch_score_p99_ == fitted_model.training_patch_score_p99_
+
+
+def test_partial_crop_coverage_warns(demo_data, caplog):
+    from patchindex.data import load_image
+
+    wide = [np.concatenate([load_image(path)] * 3, axis=1) for path in sorted((demo_data / "train" / "good").glob("*.png"))[:3]]
+    with caplog.at_level(logging.WARNING, logger="patchindex"):
+        PatchCore(progress=False, coreset_ratio=0.2).fit(wide)
+    assert "keeps less than half of 3 of 3 images" in caplog.text
+    assert "--crop none" in caplog.text

@@ -86,7 +86,7 @@ def test_writer_rejects_bad_input(tmp_path):
         writer.append(np.zeros((3, 8), np.float32), np.zeros(2), np.zeros((3, 2)))
     writer.append(np.zeros((3, 8), np.float32), np.zeros(3), np.zeros((3, 2)))
     writer.close(images=[])
-    with pytest.raises(ValueError, match="already holds"):
+    with pytest.raises(ValueError, match="already contains"):
         ShardWriter(tmp_path / "a", dim=8)
     with pytest.raises(ValueError, match="float64"):
         ShardWriter(tmp_path / "b", dim=8, dtype="float64")
