@@ -31,8 +31,13 @@ __all__ = [
     "ImageLoadError",
     "Preprocessor",
     "TestSample",
+    "UnreadableSource",
+    "describe_input",
+    "expand_score_inputs",
+    "expand_training_inputs",
     "find_mask",
     "is_mvtec_category",
+    "iter_batches",
     "load_image",
     "load_mask",
     "load_test_split",
@@ -210,6 +215,62 @@ def load_test_split(root: str | os.PathLike) -> list[TestSample]:
             ", ".join(missing_masks[:10]) + (" ..." if len(missing_masks) > 10 else ""),
         )
     return samples
+
+
+@dataclass(frozen=True)
+class UnreadableSource:
+    """An input to score that names no image: an empty folder or a glob without matches."""
+
+    text: str
+    reason: str
+
+
+def describe_input(item) -> str | None:
+    """Return the path or source text of an input, or None for arrays and PIL images."""
+    if isinstance(item, UnreadableSource):
+        return item.text
+    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
+
+
+def _as_list(images) -> list:
+    if isinstance(images, (str, os.PathLike, np.ndarray, Image.Image)):
+        return [images]
+    return list(images)
+
+
+def expand_score_inputs(images) -> list:
+    """Turn inputs to score into a flat list of paths, arrays and PIL images.
+
+    A missing path or a source without images stays in the list, so that it gets an error
+    result of its own instead of stopping the job.
+    """
+    items = []
+    for item in _as_list(images):
+        if not isinstance(item, (str, os.PathLike)):
+            items.append(item)
+            continue
+        try:
+            items.extend(resolve_images(item))
+        except FileNotFoundError:
+            items.append(Path(item))
+        except ValueError as error:
+            items.append(UnreadableSource(os.fspath(item), str(error)))
+    return items
+
+
+def expand_training_inputs(source) -> list:
+    """Expand a training source; unlike scoring, a missing path or empty folder raises."""
+    if isinstance(source, (str, os.PathLike)):
+        return list(resolve_training_images(source))
+    items = []
+    for item in _as_list(source):
+        if isinstance(item, (str, os.PathLike)):
+            items.extend(resolve_images(item))
+        else:
+            items.append(item)
+    if not items:
+        raise ValueError("no training images given")
+    return items
 
 
 # ---------------------------------------------------------------------------------------------

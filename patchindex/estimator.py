@@ -15,7 +15,6 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -24,12 +23,14 @@ from .data import (
     Geometry,
     ImageLoadError,
     Preprocessor,
+    UnreadableSource,
+    describe_input,
+    expand_score_inputs,
+    expand_training_inputs,
     iter_batches,
     load_image,
     load_mask,
     load_test_split,
-    resolve_images,
-    resolve_training_images,
     to_rgb,
 )
 from .features import FeatureExtractor, default_normalization
@@ -80,61 +81,6 @@ class Prediction:
     scores: np.ndarray
     anomaly_maps: list[np.ndarray] = field(default_factory=list)
     paths: list[str | None] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _UnreadableSource:
-    """An input to score that names no image: an empty folder or a glob without matches."""
-
-    text: str
-    reason: str
-
-
-def _describe(item: Any) -> str | None:
-    if isinstance(item, _UnreadableSource):
-        return item.text
-    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
-
-
-def _as_list(images: Any) -> list:
-    if isinstance(images, (str, os.PathLike, np.ndarray, Image.Image)):
-        return [images]
-    return list(images)
-
-
-def _expand_inputs(images: Any) -> list:
-    """Turn inputs to score into a flat list of paths, arrays and PIL images.
-
-    A missing path or a source without images stays in the list, so that it gets an error
-    result of its own instead of stopping the job.
-    """
-    items = []
-    for item in _as_list(images):
-        if not isinstance(item, (str, os.PathLike)):
-            items.append(item)
-            continue
-        try:
-            items.extend(resolve_images(item))
-        except FileNotFoundError:
-            items.append(Path(item))
-        except ValueError as error:
-            items.append(_UnreadableSource(os.fspath(item), str(error)))
-    return items
-
-
-def _training_items(source: Any) -> list:
-    """Expand a training source; unlike scoring, a missing path or empty folder raises."""
-    if isinstance(source, (str, os.PathLike)):
-        return list(resolve_training_images(source))
-    items = []
-    for item in _as_list(source):
-        if isinstance(item, (str, os.PathLike)):
-            items.extend(resolve_images(item))
-        else:
-            items.append(item)
-    if not items:
-        raise ValueError("no training images given")
-    return items
 
 
 def _is_int(value: Any) -> bool:
@@ -310,7 +256,7 @@ class PatchCore:
         return outputs
 
     def _decode(self, item: Any) -> np.ndarray:
-        if isinstance(item, _UnreadableSource):
+        if isinstance(item, UnreadableSource):
             raise ImageLoadError(item.text, item.reason)
         if isinstance(item, (str, os.PathLike)):
             return load_image(item)
@@ -332,7 +278,7 @@ class PatchCore:
         """
         self._validate_params()
         started = time.perf_counter()
-        items = _training_items(source)
+        items = expand_training_inputs(source)
         self._build_network()
 
         temporary = None
@@ -373,7 +319,7 @@ class PatchCore:
         for batch in tqdm(batches, total=total, desc="features", unit="batch", disable=not self.progress):
             tensors, names = [], []
             for number, item in batch:
-                name = _describe(item) or f"<input {number}>"
+                name = describe_input(item) or f"<input {number}>"
                 try:
                     tensor, geometry = self.preprocessor_(self._decode(item))
                 except ImageLoadError as error:
@@ -458,13 +404,13 @@ class PatchCore:
         batch_size = self.batch_size if batch_size is None else batch_size
         if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        items = _expand_inputs(images)
+        items = expand_score_inputs(images)
 
         for batch in iter_batches(items, batch_size):
             results: list[ImageResult] = []
             tensors, geometries, positions = [], [], []
             for item in batch:
-                result = ImageResult(_describe(item))
+                result = ImageResult(describe_input(item))
                 results.append(result)
                 try:
                     tensor, geometry = self.preprocessor_(self._decode(item))
