@@ -255,15 +255,17 @@ class PatchCore:
                 outputs[position] = embeddings[row]
         return outputs
 
-    def _decode(self, item: Any) -> np.ndarray:
+    def _prepare(self, item: Any, name: str) -> tuple[torch.Tensor, Geometry]:
+        """Decode and preprocess one input; raise ImageLoadError with `name` when either fails."""
         if isinstance(item, UnreadableSource):
             raise ImageLoadError(item.text, item.reason)
-        if isinstance(item, (str, os.PathLike)):
-            return load_image(item)
         try:
-            return to_rgb(item)
+            rgb = load_image(item) if isinstance(item, (str, os.PathLike)) else to_rgb(item)
+            return self.preprocessor_(rgb)
+        except ImageLoadError:
+            raise
         except ValueError as error:
-            raise ImageLoadError(f"<{type(item).__name__} input>", str(error)) from None
+            raise ImageLoadError(name, str(error)) from None
 
     # -----------------------------------------------------------------------------------------
     # Fit
@@ -321,16 +323,11 @@ class PatchCore:
             for number, item in batch:
                 name = describe_input(item) or f"<input {number}>"
                 try:
-                    tensor, geometry = self.preprocessor_(self._decode(item))
+                    tensor, geometry = self._prepare(item, name)
                 except ImageLoadError as error:
                     if self.strict:
                         raise
                     skipped.append((name, error.reason))
-                    continue
-                except ValueError as error:
-                    if self.strict:
-                        raise ValueError(f"cannot preprocess {name}: {error}") from None
-                    skipped.append((name, str(error)))
                     continue
                 tensors.append(tensor)
                 names.append(name)
@@ -413,12 +410,9 @@ class PatchCore:
                 result = ImageResult(describe_input(item))
                 results.append(result)
                 try:
-                    tensor, geometry = self.preprocessor_(self._decode(item))
+                    tensor, geometry = self._prepare(item, result.path or f"<{type(item).__name__} input>")
                 except ImageLoadError as error:
                     result.error = error.reason
-                    continue
-                except ValueError as error:
-                    result.error = str(error)
                     continue
                 tensors.append(tensor)
                 geometries.append(geometry)
