@@ -68,8 +68,8 @@ def _warn_partial_coverage(coverage: list[tuple[str, Geometry]], stage: str) -> 
     name, geometry = min(partial, key=lambda item: item[1].coverage)
     logger.warning(
         "%s: the center crop keeps less than half of %d of %d images (least: %.0f%% of %s), and "
-        "anomalies outside the crop are not seen; use crop=None (--crop none) or a square "
-        "resize such as (256, 256) (--resize 256x256) to cover whole images",
+        "anomalies outside the crop are not seen. To cover whole images, fit with crop=None "
+        "(fit --crop none) or a square resize such as (256, 256) (fit --resize 256x256)",
         stage, len(partial), len(coverage), 100 * geometry.coverage, name,
     )
 
@@ -105,7 +105,7 @@ def _read_config(path: Path) -> dict:
         raise ValueError(f"{path} must contain a JSON object, found {type(config).__name__}")
 
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise ValueError(
             f"{path} has format version {version!r}, but this patchindex {__version__} reads version "
             f"{FORMAT_VERSION}; fit the model again with this version"
@@ -119,6 +119,25 @@ def _read_config(path: Path) -> dict:
                 if not isinstance(value.get(name), kind):
                     raise ValueError(f"{path} is missing '{section}.{name}'; save the model again")
     return config
+
+
+def _read_training(config: dict, path: Path) -> dict:
+    """Return the optional 'training' section of a config, checking the types of its fields."""
+    training = config.get("training", {})
+    valid = isinstance(training, dict)
+    if valid:
+        grid = training.get("feature_grid")
+        skipped = training.get("skipped_images", [])
+        reference = training.get("patch_score_p99")
+        valid = (
+            (grid is None or (isinstance(grid, list) and len(grid) == 2 and all(_is_int(v) for v in grid)))
+            and isinstance(skipped, list)
+            and all(isinstance(item, list) and len(item) == 2 for item in skipped)
+            and (reference is None or (isinstance(reference, (int, float)) and np.isfinite(reference)))
+        )
+    if not valid:
+        raise ValueError(f"{path} has an invalid 'training' section; save the model again")
+    return training
 
 
 class PatchCore:
@@ -213,8 +232,8 @@ class PatchCore:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.random_state is not None and (not _is_int(self.random_state) or self.random_state < 0):
             raise ValueError(f"random_state must be None or a non-negative integer (the seed), got {self.random_state!r}")
-        if not isinstance(self.blur_sigma, numbers.Real) or not self.blur_sigma >= 0:
-            raise ValueError(f"blur_sigma must be zero or positive, got {self.blur_sigma!r}")
+        if not isinstance(self.blur_sigma, numbers.Real) or not 0 <= self.blur_sigma < 1000:
+            raise ValueError(f"blur_sigma must be at least 0 and below 1000 pixels, got {self.blur_sigma!r}")
         ratio = self.coreset_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {ratio!r}")
@@ -608,17 +627,27 @@ class PatchCore:
         if unknown:
             raise ValueError(f"{directory / CONFIG_FILE} has unknown parameters {unknown}; it was not written by this patchindex")
         model = cls(**params)
+        # A hand-edited or damaged config.json can hold values of any type: report them as
+        # invalid parameters instead of failing deep inside torch or timm.
         try:
             model._validate_params()
-        except ValueError as error:
+            model._build_network()
+        except (ValueError, TypeError, AttributeError, OverflowError) as error:
             raise ValueError(f"invalid parameter in {directory / CONFIG_FILE}: {error}") from None
-        model._build_network()
         model._check_backbone(config["backbone"], directory)
 
         try:
             bank = np.load(directory / BANK_FILE, allow_pickle=False)
         except (ValueError, OSError, EOFError) as error:
-            raise ValueError(f"cannot read {directory / BANK_FILE}: {error}; save the model again") from None
+            raise ValueError(
+                f"cannot read {directory / BANK_FILE}: not a valid .npy array ({type(error).__name__}); "
+                "save the model again"
+            ) from None
+        if bank.ndim != 2 or not np.issubdtype(bank.dtype, np.floating) or not np.isfinite(bank).all():
+            raise ValueError(
+                f"{directory / BANK_FILE} must hold a finite float (n, d) memory bank, got {bank.dtype} "
+                f"{bank.shape}; save the model again"
+            )
         index = MemoryBankIndex.load(directory / INDEX_FILE, config["index"]["factory"])
         expected = tuple(config["memory_bank"]["shape"])
         if bank.shape != expected or index.ntotal != bank.shape[0] or index.dim != bank.shape[1]:
@@ -632,7 +661,7 @@ class PatchCore:
                 f"{model.feature_extractor_.embedding_dim}"
             )
 
-        training = config.get("training", {})
+        training = _read_training(config, directory / CONFIG_FILE)
         model.memory_bank_ = bank.astype(np.float32, copy=False)
         model.index_ = index
         model.n_train_images_ = training.get("n_images")

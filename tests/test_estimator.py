@@ -287,7 +287,7 @@ def test_load_broken_files(fitted_model, tmp_path):
 def test_weights_file_not_state_dict(tmp_path):
     path = tmp_path / "script.py"
     path.write_text("print('hello')\n")
-    with pytest.raises(ValueError, match="not a PyTorch state-dict file"):
+    with pytest.raises(ValueError, match="is not a state-dict file"):
         PatchCore(weights=path, progress=False).fit([np.zeros((64, 64, 3), np.uint8)] * 2)
     with pytest.raises(ValueError, match="is a folder"):
         PatchCore(weights=tmp_path, progress=False).fit([np.zeros((64, 64, 3), np.uint8)] * 2)
@@ -307,3 +307,52 @@ def test_partial_crop_coverage_warns(demo_data, caplog):
         PatchCore(progress=False, coreset_ratio=0.2).fit(wide)
     assert "keeps less than half of 3 of 3 images" in caplog.text
     assert "--crop none" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("training", None, "x"),
+        ("training", "patch_score_p99", "x"),
+        ("training", "feature_grid", 5),
+        ("training", "skipped_images", [1, 2]),
+        ("params", "embedding_dim", "abc"),
+        ("params", "out_indices", "ab"),
+        ("params", "backbone", 123),
+        ("params", "weights", 123),
+        ("params", "resize", 256.5),
+        ("params", "blur_sigma", float("inf")),
+        (None, "format_version", True),
+    ],
+)
+def test_load_rejects_bad_config_values(fitted_model, tmp_path, section, key, value):
+    fitted_model.save(tmp_path / "model")
+    config_path = tmp_path / "model" / "config.json"
+    config = json.loads(config_path.read_text())
+    if section is None:
+        config[key] = value
+    elif key is None:
+        config[section] = value
+    else:
+        config[section][key] = value
+    config_path.write_text(json.dumps(config))
+
+    with pytest.raises(ValueError, match="config.json"):
+        PatchCore.load(tmp_path / "model")
+
+
+def test_load_rejects_nan_bank(fitted_model, tmp_path):
+    fitted_model.save(tmp_path / "model")
+    bank = np.load(tmp_path / "model" / "memory_bank.npy")
+    np.save(tmp_path / "model" / "memory_bank.npy", np.full_like(bank, np.nan))
+    with pytest.raises(ValueError, match="finite"):
+        PatchCore.load(tmp_path / "model")
+
+
+def test_predict_rejects_non_image_inputs(fitted_model, demo_data):
+    with pytest.raises(ValueError, match="got int"):
+        fitted_model.predict(5)
+    with pytest.raises(ValueError, match="got dict"):
+        fitted_model.predict({"a": 1})
+    path = demo_data / "test" / "good" / "000.png"
+    assert fitted_model.predict(bytes(path)).scores.shape == (1,)
