@@ -28,6 +28,13 @@ def _size(text: str) -> int | tuple[int, int] | None:
     return values[0] if len(values) == 1 else values
 
 
+def _add_weights_override(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weights", default=None,
+        help="backbone weights file to use when the one the model was fitted with has moved; it must hold the same weights",
+    )
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors, no progress bars")
     parser.add_argument("--device", default=None, help="torch device for the backbone and coreset, e.g. cpu or cuda")
@@ -63,6 +70,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="model folder written by 'patchindex fit'")
     evaluate.add_argument("--data", required=True, help="MVTec AD category folder with test/ and ground_truth/")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on standard output")
+    _add_weights_override(evaluate)
     _add_common(evaluate)
 
     score = commands.add_parser("score", help="score images: a CSV of image scores and PNG heatmap overlays")
@@ -71,6 +79,7 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", required=True, help="output folder for scores.csv and overlays/")
     score.add_argument("--overlays", choices=("all", "none"), default="all", help="write a PNG overlay per image (default all)")
     score.add_argument("--allow-errors", action="store_true", help="exit with status 0 even when some images failed")
+    _add_weights_override(score)
     _add_common(score)
 
     demo = commands.add_parser("demo", help="fit, evaluate and score a small built-in synthetic dataset")
@@ -100,18 +109,32 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _load_model(args: argparse.Namespace):
     from .estimator import PatchCore
 
-    model = PatchCore.load(args.model, device=args.device)
+    model = PatchCore.load(args.model, weights=args.weights, device=args.device)
     for name, value in _overrides(args).items():
         setattr(model, name, value)
     return model
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    from .estimator import PatchCore
-
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder; choose a folder for the model")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create --out {out}: {error.strerror}") from None
+    try:
+        return _fit_and_save(args, out)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _fit_and_save(args: argparse.Namespace, out: Path) -> int:
+    from .estimator import PatchCore
+
     model = PatchCore(
         args.backbone,
         weights=args.weights,
@@ -127,7 +150,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     model.fit(args.data)
-    model.save(args.out)
+    model.save(out)
     print(
         f"fitted {args.backbone} on {model.n_train_images_} images ({model.n_train_patches_} patches, "
         f"{len(model.skipped_images_)} skipped): memory bank of {len(model.memory_bank_)} "
@@ -161,13 +184,13 @@ def score_to_folder(model, inputs, out: Path, overlays: str = "all") -> tuple[in
 
     out.mkdir(parents=True, exist_ok=True)
     overlay_dir = out / "overlays"
+    stale = list(overlay_dir.glob("[0-9][0-9][0-9][0-9][0-9]_*.png"))
+    for path in stale:
+        path.unlink()
+    if stale:
+        logger.info("removed %d overlays of an earlier run from %s", len(stale), overlay_dir)
     if overlays != "none":
         overlay_dir.mkdir(exist_ok=True)
-        stale = list(overlay_dir.glob("[0-9][0-9][0-9][0-9][0-9]_*.png"))
-        for path in stale:
-            path.unlink()
-        if stale:
-            logger.info("removed %d overlays of an earlier run from %s", len(stale), overlay_dir)
 
     # One color scale for every image of the model: from the typical training patch score
     # (99th percentile) to three times that value.
@@ -181,12 +204,16 @@ def score_to_folder(model, inputs, out: Path, overlays: str = "all") -> tuple[in
         for number, result in enumerate(model.iter_predict(inputs)):
             overlay = ""
             if result.error is None and overlays != "none" and result.path is not None:
-                overlay_path = overlay_dir / f"{number:05d}_{Path(result.path).stem}.png"
-                save_overlay(
-                    overlay_path, load_image(result.path), result.anomaly_map, result.score,
-                    vmin=vmin, vmax=vmax, title=result.path,
-                )
-                overlay = str(overlay_path)
+                # The stem is shortened so that the number prefix keeps the name under 255 bytes.
+                overlay_path = overlay_dir / f"{number:05d}_{Path(result.path).stem[:100]}.png"
+                try:
+                    save_overlay(
+                        overlay_path, load_image(result.path), result.anomaly_map, result.score,
+                        vmin=vmin, vmax=vmax, title=result.path,
+                    )
+                    overlay = str(overlay_path)
+                except OSError as error:
+                    logger.warning("cannot write the overlay of %s: %s", result.path, error)
             if result.error is None:
                 scored += 1
                 writer.writerow([result.path, f"{result.score:.6f}", overlay, ""])

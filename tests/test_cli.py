@@ -148,3 +148,31 @@ def test_size_options_parse():
     for bad in ("0", "-5", "12x", "axb"):
         with pytest.raises(SystemExit):
             parser.parse_args(["fit", "--data", "d", "--out", "o", "--crop", bad])
+
+
+def test_score_long_names_and_stale_overlays(cli_model, demo_data, tmp_path):
+    long_name = tmp_path / ("a" * 250 + ".png")
+    shutil.copy(demo_data / "test" / "good" / "000.png", long_name)
+    out = tmp_path / "scores"
+
+    first = main(["score", "--model", str(cli_model), str(long_name), "--out", str(out), "-q"])
+    overlays_after_first = list((out / "overlays").glob("*.png"))
+    second = main(["score", "--model", str(cli_model), str(long_name), "--out", str(out), "--overlays", "none", "-q"])
+
+    assert first == 0
+    assert len(overlays_after_first) == 1
+    assert second == 0
+    assert list((out / "overlays").glob("*.png")) == []
+
+
+def test_fit_out_under_a_file_rejected(demo_data, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["fit", "--data", str(demo_data), "--out", str(tmp_path / "afile" / "sub"), "-q"]) == 2
+    assert "cannot create --out" in capsys.readouterr().err
+
+
+def test_score_weights_override(cli_model, demo_data, tmp_path, capsys):
+    status = main(["score", "--model", str(cli_model), str(demo_data / "test" / "good" / "000.png"),
+                   "--out", str(tmp_path / "s"), "--weights", str(tmp_path / "missing.pth"), "-q"])
+    assert status == 2
+    assert "missing.pth" in capsys.readouterr().err
