@@ -19,9 +19,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["SparseRandomProjection", "coreset_size", "k_center_greedy", "project_chunks"]
+__all__ = ["SparseRandomProjection", "check_coreset_ratio", "coreset_size", "k_center_greedy", "project_chunks"]
 
 logger = logging.getLogger(__name__)
+
+
+def check_coreset_ratio(ratio: float) -> None:
+    """Raise ValueError unless `ratio` is a real number in (0, 1]."""
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not (math.isfinite(ratio) and 0 < ratio <= 1):
+        raise ValueError(f"coreset_ratio must be in (0, 1], got {ratio!r}")
 
 
 def coreset_size(n_patches: int, ratio: float) -> int:
@@ -30,8 +36,7 @@ def coreset_size(n_patches: int, ratio: float) -> int:
     Raises ValueError when the ratio is outside (0, 1] or the bank would hold fewer than two
     patches, which makes nearest-neighbour scoring meaningless.
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not (math.isfinite(ratio) and 0 < ratio <= 1):
-        raise ValueError(f"coreset_ratio must be in (0, 1], got {ratio!r}")
+    check_coreset_ratio(ratio)
     if n_patches < 2:
         raise ValueError(f"need at least 2 training patches to build a memory bank, got {n_patches}")
     size = int(round(n_patches * ratio))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import numbers
@@ -18,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .coreset import SparseRandomProjection, coreset_size, k_center_greedy, project_chunks
+from .coreset import SparseRandomProjection, check_coreset_ratio, coreset_size, k_center_greedy, project_chunks
 from .data import (
     Geometry,
     ImageLoadError,
@@ -234,9 +235,7 @@ class PatchCore:
             raise ValueError(f"random_state must be None or a non-negative integer (the seed), got {self.random_state!r}")
         if not isinstance(self.blur_sigma, numbers.Real) or not 0 <= self.blur_sigma < 1000:
             raise ValueError(f"blur_sigma must be at least 0 and below 1000 pixels, got {self.blur_sigma!r}")
-        ratio = self.coreset_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {ratio!r}")
+        check_coreset_ratio(self.coreset_ratio)
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -391,22 +390,19 @@ class PatchCore:
             selected = k_center_greedy(projected, size, start_index=start, progress=self.progress)
             del projected
 
-        self.coreset_indices_ = selected
-        self.memory_bank_ = store.take(selected)
-        self.index_ = MemoryBankIndex("Flat").build(self.memory_bank_)
-        self.training_patch_score_p99_ = self._training_patch_score_p99(store)
-
-    def _training_patch_score_p99(self, store, n_samples: int = 20000) -> float:
-        """Return the 99th percentile of patch scores of sampled training patches.
-
-        It sets the scale of a normal patch score, for example the color scale of overlays.
-        Training patches are close to the bank by construction, so normal test patches score
-        somewhat higher.
-        """
+        # Up to 20000 random training patches give the scale of a normal patch score (its 99th
+        # percentile), for example for the color scale of overlays. Training patches are close
+        # to the bank by construction, so normal test patches score somewhat higher. Bank and
+        # sample are gathered in one pass over the store.
         rng = np.random.default_rng(self.random_state)
-        rows = np.sort(rng.choice(len(store), size=min(n_samples, len(store)), replace=False))
-        distances, _ = self.index_.search(store.take(rows), k=1)
-        return float(np.percentile(distances[:, 0], 99))
+        sample_rows = rng.choice(n_patches, size=min(20000, n_patches), replace=False)
+        gathered = store.take(np.concatenate([selected, sample_rows]))
+
+        self.coreset_indices_ = selected
+        self.memory_bank_ = gathered[: len(selected)]
+        self.index_ = MemoryBankIndex("Flat").build(self.memory_bank_)
+        distances, _ = self.index_.search(gathered[len(selected) :], k=1)
+        self.training_patch_score_p99_ = float(np.percentile(distances[:, 0], 99))
 
     # -----------------------------------------------------------------------------------------
     # Predict
@@ -422,14 +418,14 @@ class PatchCore:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         items = expand_score_inputs(images)
 
-        for batch in iter_batches(items, batch_size):
+        for batch in iter_batches(enumerate(items), batch_size):
             results: list[ImageResult] = []
             tensors, geometries, positions = [], [], []
-            for item in batch:
+            for number, item in batch:
                 result = ImageResult(describe_input(item))
                 results.append(result)
                 try:
-                    tensor, geometry = self._prepare(item, result.path or f"<{type(item).__name__} input>")
+                    tensor, geometry = self._prepare(item, result.path or f"<input {number}>")
                 except ImageLoadError as error:
                     result.error = error.reason
                     continue
@@ -481,9 +477,9 @@ class PatchCore:
         use `iter_predict` to go on past bad files.
         """
         scores, maps, paths = [], [], []
-        for result in self.iter_predict(images, batch_size):
+        for number, result in enumerate(self.iter_predict(images, batch_size)):
             if result.error is not None:
-                raise ImageLoadError(result.path or "<array>", result.error)
+                raise ImageLoadError(result.path or f"<input {number}>", result.error)
             scores.append(result.score)
             maps.append(result.anomaly_map)
             paths.append(result.path)
@@ -540,14 +536,14 @@ class PatchCore:
     # -----------------------------------------------------------------------------------------
     # Save and load
 
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+
     def get_params(self) -> dict:
         """Return the constructor parameters as a JSON-serializable dict."""
         params = {}
-        for name in (
-            "backbone", "out_indices", "weights", "resize", "crop", "embedding_dim", "coreset_ratio",
-            "projection_dim", "num_neighbors", "blur_sigma", "batch_size", "device", "store_dtype",
-            "shard_rows", "store_dir", "strict", "random_state", "progress",
-        ):
+        for name in self._param_names():
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 value = os.fspath(value)
@@ -622,7 +618,7 @@ class PatchCore:
             params["weights"] = os.fspath(weights)
         if device is not None:
             params["device"] = device
-        known = set(cls().get_params())
+        known = set(cls._param_names())
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"{directory / CONFIG_FILE} has unknown parameters {unknown}; it was not written by this patchindex")
