@@ -121,15 +121,15 @@ def test_off_centre_defect_located(demo_data, resize, crop):
 def test_scores_independent_of_batch_and_order(fitted_model, demo_data):
     images = sorted((demo_data / "test").glob("*/*.png"))[:7]
 
-    one = fitted_model.predict(images, batch_size=1)
+    single = fitted_model.predict(images, batch_size=1)
     many = fitted_model.predict(images, batch_size=5)
     reverse = fitted_model.predict(images[::-1], batch_size=3)
 
-    np.testing.assert_allclose(one.scores, many.scores, rtol=1e-4)
-    np.testing.assert_allclose(one.scores, reverse.scores[::-1], rtol=1e-4)
-    for a, b in zip(one.anomaly_maps, many.anomaly_maps):
+    np.testing.assert_allclose(single.scores, many.scores, rtol=1e-4)
+    np.testing.assert_allclose(single.scores, reverse.scores[::-1], rtol=1e-4)
+    for a, b in zip(single.anomaly_maps, many.anomaly_maps):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    assert np.isfinite(one.scores).all()
+    assert np.isfinite(single.scores).all()
 
 
 def test_map_of_long_thin_image_stays_small():
