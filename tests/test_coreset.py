@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from patchindex.coreset import SparseRandomProjection, coreset_size, k_center_greedy, project_chunks
+from patchindex.coreset import (
+    SparseRandomProjection,
+    approximate_k_center_greedy,
+    coreset_size,
+    k_center_greedy,
+    project_chunks,
+)
 
 
 def _reference_greedy(points: np.ndarray, n_centers: int, start: int) -> list[int]:
@@ -107,10 +113,98 @@ def test_project_chunks_checks_row_count():
         project_chunks(iter(chunks), 6, projection)
 
 
+def test_project_chunks_half_precision():
+    projection = SparseRandomProjection(16, 8, random_state=0)
+    chunks = [np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)]
+    full = project_chunks(iter(chunks), 5, projection)
+    half = project_chunks(iter(chunks), 5, projection, dtype="bfloat16")
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), full, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="projection dtype"):
+        project_chunks(iter(chunks), 5, projection, dtype="int8")
+
+
+def _greedy_inputs(kind: str) -> torch.Tensor:
+    rng = np.random.default_rng(7)
+    if kind == "random":
+        points = rng.standard_normal((1500, 24))
+    elif kind == "clustered":
+        points = _clustered(rng, n_clusters=30, per_cluster=60, dim=24)
+    elif kind == "lattice":
+        # 3^5 = 243 distinct points among 1500 rows: exact ties and duplicates everywhere.
+        points = rng.integers(0, 3, (1500, 5))
+    else:  # far from the origin, where the inner-product form loses most precision
+        points = rng.standard_normal((1500, 24)) + 1000.0
+    return torch.from_numpy(np.asarray(points, dtype=np.float32))
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered", "lattice", "offset"])
+@pytest.mark.parametrize("block_size", [7, 64])
+def test_pruned_greedy_selects_same_rows_as_plain(kind, block_size):
+    points = _greedy_inputs(kind)
+    n_centers = 200 if kind == "lattice" else 300
+
+    plain, plain_info = k_center_greedy(points, n_centers, 11, method="plain", return_info=True)
+    pruned, pruned_info = k_center_greedy(points, n_centers, 11, block_size=block_size, return_info=True)
+
+    np.testing.assert_array_equal(pruned, plain)
+    assert pruned_info.covering_radius == plain_info.covering_radius
+    assert (pruned_info.method, plain_info.method) == ("pruned", "plain")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pruned_greedy_same_rows_in_half_precision(dtype):
+    points = _greedy_inputs("clustered").to(dtype)
+    plain = k_center_greedy(points, 200, 3, method="plain")
+    pruned = k_center_greedy(points, 200, 3, block_size=32)
+    np.testing.assert_array_equal(pruned, plain)
+
+
+def test_greedy_breaks_ties_by_lowest_row():
+    # From row 0, rows 2, 3 and 4 are all at distance 2: row 2 comes first. Then rows 3 and 4
+    # tie at distance 2 again, and row 3 comes first.
+    points = torch.tensor([[0, 0], [0, 1], [2, 0], [0, -2], [-2, 0]], dtype=torch.float32)
+    for method in ("plain", "pruned"):
+        assert k_center_greedy(points, 5, 0, method=method, block_size=2).tolist() == [0, 2, 3, 4, 1]
+
+
+def test_pruned_greedy_does_less_work_and_reports_radius():
+    points = _greedy_inputs("clustered")
+    selected, info = k_center_greedy(points, 120, 0, block_size=32, return_info=True)
+    _, plain_info = k_center_greedy(points, 120, 0, method="plain", return_info=True)
+
+    nearest = torch.cdist(points.double(), points[selected].double()).min(dim=1).values
+    assert info.covering_radius == pytest.approx(nearest.max().item(), rel=1e-5)
+    assert info.distance_evaluations < 0.3 * plain_info.distance_evaluations
+
+
+def test_approximate_greedy_bounds_its_radius():
+    points = _greedy_inputs("clustered")
+    parts = [(start, points[start : start + 400]) for start in range(0, len(points), 400)]
+
+    selected, info = approximate_k_center_greedy(iter(parts), len(points), 90, random_state=0, return_info=True)
+    _, exact = k_center_greedy(points, 90, 0, return_info=True)
+
+    assert len(set(selected.tolist())) == 90 and selected.max() < len(points)
+    radius = torch.cdist(points, points[selected]).min(dim=1).values.max().item()
+    assert radius <= info.covering_radius * (1 + 1e-5)
+    assert radius <= 2 * exact.covering_radius
+    assert info.method == "approximate"
+
+
+def test_approximate_greedy_checks_parts():
+    points = torch.zeros((10, 2))
+    with pytest.raises(ValueError, match="consecutive"):
+        approximate_k_center_greedy(iter([(0, points), (5, points)]), 20, 4)
+    with pytest.raises(ValueError, match="expected 30"):
+        approximate_k_center_greedy(iter([(0, points), (10, points)]), 30, 4)
+    with pytest.raises(ValueError, match="oversample"):
+        approximate_k_center_greedy(iter([(0, points)]), 10, 4, oversample=0.5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_greedy_same_on_cuda():
-    rng = np.random.default_rng(6)
-    points = torch.from_numpy(_clustered(rng))
-    on_cpu = k_center_greedy(points, 40, start_index=3, progress=False)
-    on_cuda = k_center_greedy(points.cuda(), 40, start_index=3, progress=False)
+    points = _greedy_inputs("clustered")
+    on_cpu = k_center_greedy(points, 100, start_index=3)
+    on_cuda = k_center_greedy(points.cuda(), 100, start_index=3)
     np.testing.assert_array_equal(on_cpu, on_cuda)
