@@ -62,7 +62,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--num-neighbors", type=int, default=9, help="support set size of the image-score reweighting; 1 takes the maximum patch score (default 9)")
     fit.add_argument("--embedding-dim", type=int, default=None, help="reduce patch embeddings to this many channels (default: keep all)")
-    fit.add_argument("--store-dir", default=None, help="keep the HDF5 embedding shards in this folder")
+    fit.add_argument(
+        "--coreset-method", choices=("auto", "exact", "approximate"), default="auto",
+        help="exact k-center greedy, or greedy per shard then over the union (default auto: exact up to about 4M patches)",
+    )
+    fit.add_argument(
+        "--store-dir", default=None,
+        help="keep the HDF5 embedding shards in this folder; a rerun with the same inputs resumes or reuses them",
+    )
     fit.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     _add_common(fit)
 
@@ -139,6 +146,7 @@ def _fit_and_save(args: argparse.Namespace, out: Path) -> int:
         args.backbone,
         weights=args.weights,
         coreset_ratio=args.coreset_ratio,
+        coreset_method=args.coreset_method,
         random_state=args.seed,
         resize=args.resize,
         crop=args.crop,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -19,7 +20,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .coreset import SparseRandomProjection, check_coreset_ratio, coreset_size, k_center_greedy, project_chunks
+from .coreset import (
+    SparseRandomProjection,
+    approximate_k_center_greedy,
+    check_coreset_ratio,
+    coreset_size,
+    k_center_greedy,
+    project_chunks,
+)
 from .data import (
     Geometry,
     ImageLoadError,
@@ -38,7 +46,7 @@ from .features import FeatureExtractor, default_normalization
 from .index import MemoryBankIndex
 from .metrics import image_auroc, pixel_auroc, pro_score
 from .scoring import anomaly_map, reweighted_image_scores
-from .store import ShardWriter
+from .store import ShardStore, ShardWriter
 
 __all__ = ["FORMAT_VERSION", "ImageResult", "PatchCore", "Prediction"]
 
@@ -48,6 +56,10 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 BANK_FILE = "memory_bank.npy"
 INDEX_FILE = "index.faiss"
+# The "auto" coreset method runs the exact greedy while the projected matrix takes at most this
+# many bytes (4.2M patches at 128 float32 dimensions), and the approximate one above it.
+EXACT_CORESET_MAX_BYTES = 2 << 30
+_PROJECTION_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass
@@ -82,6 +94,32 @@ class Prediction:
     scores: np.ndarray
     anomaly_maps: list[np.ndarray] = field(default_factory=list)
     paths: list[str | None] = field(default_factory=list)
+
+
+def _inputs_digest(items: list) -> str:
+    """SHA-256 over the training inputs: path, size and modification time, or array content."""
+    digest = hashlib.sha256()
+    for item in items:
+        if isinstance(item, (str, os.PathLike, UnreadableSource)):
+            name = describe_input(item)
+            try:
+                stat = os.stat(name)
+                digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{name}|unreadable\n".encode())
+        else:
+            array = np.asarray(item)
+            digest.update(f"array|{array.shape}|{array.dtype}|".encode())
+            digest.update(hashlib.sha256(np.ascontiguousarray(array).tobytes()).digest())
+    return digest.hexdigest()
+
+
+def _feature_grid(store: ShardStore) -> tuple[int, int] | None:
+    """Feature grid (rows, columns) of the store's first image, from its patch positions."""
+    for _, image_index, position in store.iter_chunks(chunk_rows=1 << 16, fields=("image_index", "patch_position")):
+        first = position[image_index == image_index[0]]
+        return int(first[:, 0].max()) + 1, int(first[:, 1].max()) + 1
+    return None
 
 
 def _is_int(value: Any) -> bool:
@@ -160,6 +198,14 @@ class PatchCore:
         Fraction of training patches kept in the memory bank.
     projection_dim : int
         Dimension of the sparse random projection used for coreset selection.
+    projection_dtype : "float32", "float16" or "bfloat16"
+        Storage type of the projected matrix during coreset selection. The 16-bit types halve
+        its memory, and distances are still computed in float32.
+    coreset_method : "auto", "exact" or "approximate"
+        "exact" is k-center greedy over all patches (pruned, same result as the plain
+        algorithm); "approximate" runs it per HDF5 shard, then over the union of the shards'
+        selections, holding one shard at a time. "auto" takes "exact" while the projected
+        matrix fits in `EXACT_CORESET_MAX_BYTES`.
     num_neighbors : int
         Support-set size b of the image-score reweighting; 1 gives the maximum patch score.
     blur_sigma : float
@@ -173,7 +219,9 @@ class PatchCore:
     shard_rows : int
         Maximum number of patches per HDF5 shard file.
     store_dir : path or None
-        Folder for the embedding shards, kept after fit; None uses a temporary folder.
+        Folder for the embedding shards, kept after fit; None uses a temporary folder. A fit
+        into a folder that contains the store of an interrupted fit with the same inputs and
+        settings resumes it, and a finished store of them is reused.
     strict : bool
         Stop fit at the first unreadable training image instead of skipping it with a warning.
     random_state : int or None
@@ -193,6 +241,8 @@ class PatchCore:
         embedding_dim: int | None = None,
         coreset_ratio: float = 0.1,
         projection_dim: int = 128,
+        projection_dtype: str = "float32",
+        coreset_method: str = "auto",
         num_neighbors: int = 9,
         blur_sigma: float = 4.0,
         batch_size: int = 8,
@@ -212,6 +262,8 @@ class PatchCore:
         self.embedding_dim = embedding_dim
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
+        self.projection_dtype = projection_dtype
+        self.coreset_method = coreset_method
         self.num_neighbors = num_neighbors
         self.blur_sigma = blur_sigma
         self.batch_size = batch_size
@@ -236,6 +288,10 @@ class PatchCore:
         if not isinstance(self.blur_sigma, numbers.Real) or not 0 <= self.blur_sigma < 1000:
             raise ValueError(f"blur_sigma must be at least 0 and below 1000 pixels, got {self.blur_sigma!r}")
         check_coreset_ratio(self.coreset_ratio)
+        if self.projection_dtype not in _PROJECTION_BYTES:
+            raise ValueError(f"projection_dtype must be one of {sorted(_PROJECTION_BYTES)}, got {self.projection_dtype!r}")
+        if self.coreset_method not in ("auto", "exact", "approximate"):
+            raise ValueError(f"coreset_method must be 'auto', 'exact' or 'approximate', got {self.coreset_method!r}")
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -294,27 +350,32 @@ class PatchCore:
         `source` is an MVTec AD category folder (its ``train/good`` images), an image folder,
         a glob pattern, a text file listing paths, or a list of paths, arrays and PIL images.
         Unreadable images are skipped with one warning naming them (`skipped_images_`), unless
-        `strict` is set.
+        `strict` is set. `source` can also be a `ShardStore` of patch embeddings written with
+        this model's backbone settings; its patches are then used as they are.
         """
         self._validate_params()
         started = time.perf_counter()
-        items = expand_training_inputs(source)
         self._build_network()
 
-        temporary = None
-        if self.store_dir is None:
-            temporary = tempfile.mkdtemp(prefix="patchindex-store-")
-            store_dir = Path(temporary)
-        else:
-            store_dir = Path(self.store_dir)
-        try:
-            store, skipped, grid = self._extract_to_store(items, store_dir)
+        if isinstance(source, ShardStore):
+            store, grid = self._check_store(source), None
             self._select_memory_bank(store)
-        finally:
-            if temporary is not None:
-                shutil.rmtree(temporary, ignore_errors=True)
+        else:
+            items = expand_training_inputs(source)
+            temporary = None
+            if self.store_dir is None:
+                temporary = tempfile.mkdtemp(prefix="patchindex-store-")
+                store_dir = Path(temporary)
+            else:
+                store_dir = Path(self.store_dir)
+            try:
+                store, grid = self._extract_to_store(items, store_dir)
+                self._select_memory_bank(store)
+            finally:
+                if temporary is not None:
+                    shutil.rmtree(temporary, ignore_errors=True)
 
-        self.skipped_images_ = skipped
+        self.skipped_images_ = [(name, reason) for _, name, reason in store.skipped]
         self.feature_grid_ = grid
         self.n_train_images_ = len(store.images)
         self.n_train_patches_ = len(store)
@@ -325,19 +386,75 @@ class PatchCore:
         )
         return self
 
-    def _extract_to_store(self, items: list, store_dir: Path):
+    def _store_fingerprint(self, items: list | None) -> dict:
+        """Describe what a store's embeddings depend on: the backbone, preprocessing and inputs."""
         extractor = self.feature_extractor_
-        writer = ShardWriter(store_dir, extractor.embedding_dim, dtype=self.store_dtype, rows_per_shard=self.shard_rows)
-        used: list[str] = []
-        skipped: list[tuple[str, str]] = []
+        fingerprint = {
+            "backbone": extractor.backbone,
+            "out_indices": list(extractor.out_indices),
+            "weights_sha256": extractor.weights_sha256,
+            "embedding_dim": extractor.embedding_dim,
+            "resize": self.resize,
+            "crop": self.crop,
+        }
+        if items is not None:
+            fingerprint.update(n_inputs=len(items), inputs_sha256=_inputs_digest(items))
+        return json.loads(json.dumps(fingerprint))  # tuples become lists, as in a stored one
+
+    def _check_store(self, store: ShardStore) -> ShardStore:
+        """Raise ValueError unless `store` contains embeddings of this model's backbone settings."""
+        if store.dim != self.feature_extractor_.embedding_dim:
+            raise ValueError(
+                f"the embedding store {store.directory} has {store.dim}-dimensional patches, but this model's "
+                f"backbone gives {self.feature_extractor_.embedding_dim}; use the backbone settings it was written with"
+            )
+        if store.fingerprint is not None:
+            changed = [key for key in store.differences(self._store_fingerprint(None)) if key not in ("n_inputs", "inputs_sha256")]
+            if changed:
+                raise ValueError(
+                    f"the embedding store {store.directory} was written with other settings (differs in: "
+                    f"{', '.join(changed)}); fit with the settings it was written with"
+                )
+        return store
+
+    def _extract_to_store(self, items: list, store_dir: Path):
+        """Embed `items` into a store in `store_dir`, resuming or reusing what is there."""
+        extractor = self.feature_extractor_
+        fingerprint = self._store_fingerprint(items)
+        if (store_dir / "manifest.json").exists():
+            store = ShardStore(store_dir)
+            changed = store.differences(fingerprint)
+            if changed:
+                raise ValueError(
+                    f"{store_dir} contains the embeddings of other inputs or settings (differs in: {', '.join(changed)}); "
+                    "use an empty store folder"
+                )
+            logger.info("reusing the embedding store in %s: %d patches of %d images", store_dir, len(store), len(store.images))
+            return store, _feature_grid(store)
+
+        writer = ShardWriter(
+            store_dir, extractor.embedding_dim, dtype=self.store_dtype, rows_per_shard=self.shard_rows, fingerprint=fingerprint
+        )
+        try:
+            grid = self._extract(items, writer)
+        except BaseException:
+            writer.abort()
+            raise
+        store = writer.close()
+        return store, grid or _feature_grid(store)
+
+    def _extract(self, items: list, writer: ShardWriter):
         coverage: list[tuple[str, Geometry]] = []
         grid = None
         started = time.perf_counter()
+        first_input = writer.inputs_done
+        patches_before = writer.n_rows
 
-        batches = iter_batches(enumerate(items), self.batch_size)
-        total = (len(items) + self.batch_size - 1) // self.batch_size
+        numbered = list(enumerate(items))[first_input:]
+        batches = iter_batches(numbered, self.batch_size)
+        total = (len(numbered) + self.batch_size - 1) // self.batch_size
         for batch in tqdm(batches, total=total, desc="features", unit="batch", disable=not self.progress):
-            tensors, names = [], []
+            tensors, names, numbers = [], [], []
             for number, item in batch:
                 name = describe_input(item) or f"<input {number}>"
                 try:
@@ -345,50 +462,70 @@ class PatchCore:
                 except ImageLoadError as error:
                     if self.strict:
                         raise
-                    skipped.append((name, error.reason))
+                    writer.add_skipped(number, name, error.reason)
                     continue
                 tensors.append(tensor)
                 names.append(name)
+                numbers.append(number)
                 coverage.append((name, geometry))
 
-            for name, embedding in zip(names, self._embed(tensors)):
+            for name, number, embedding in zip(names, numbers, self._embed(tensors)):
                 dim, height, width = embedding.shape
                 if grid is None:
                     # Fail before extracting everything when the bank would be too small.
                     coreset_size(len(items) * height * width, self.coreset_ratio)
                 rows = embedding.permute(1, 2, 0).reshape(-1, dim).numpy()
                 positions = np.stack(np.meshgrid(np.arange(height), np.arange(width), indexing="ij"), axis=-1)
-                image_index = np.full(len(rows), len(used), dtype=np.int32)
-                writer.append(rows, image_index, positions.reshape(-1, 2).astype(np.int16))
-                used.append(name)
+                writer.add_image(name, rows, positions.reshape(-1, 2).astype(np.int16), inputs_done=number + 1)
                 grid = (height, width)
 
-        if skipped:
+        if writer.skipped:
             logger.warning(
                 "skipped %d unreadable training images: %s",
-                len(skipped), "; ".join(f"{path} ({reason})" for path, reason in skipped),
+                len(writer.skipped), "; ".join(f"{name} ({reason})" for _, name, reason in writer.skipped),
             )
-        if not used:
+        if not writer.images:
             raise ValueError(f"none of the {len(items)} training images could be read")
         _warn_partial_coverage(coverage, "fit")
-        store = writer.close(used)
         elapsed = time.perf_counter() - started
-        logger.info("extracted %d patches from %d images in %.1f s (%.1f images/s)", len(store), len(used), elapsed, len(used) / elapsed)
-        return store, skipped, grid
+        done = len(numbered)
+        logger.info(
+            "extracted %d patches from %d inputs in %.1f s (%.1f images/s)%s",
+            writer.n_rows - patches_before, done, elapsed, done / max(elapsed, 1e-9),
+            f", resumed after input {first_input}" if first_input else "",
+        )
+        return grid
 
-    def _select_memory_bank(self, store) -> None:
+    def _coreset_method(self, n_patches: int) -> str:
+        if self.coreset_method != "auto":
+            return self.coreset_method
+        size = n_patches * self.projection_dim * _PROJECTION_BYTES[self.projection_dtype]
+        return "exact" if size <= EXACT_CORESET_MAX_BYTES else "approximate"
+
+    def _select_memory_bank(self, store: ShardStore) -> None:
         n_patches = len(store)
         size = coreset_size(n_patches, self.coreset_ratio)
+        projection = SparseRandomProjection(store.dim, self.projection_dim, random_state=self.random_state)
+        method = self._coreset_method(n_patches)
 
         if size == n_patches:
             selected = np.arange(n_patches)
-        else:
-            projection = SparseRandomProjection(store.dim, self.projection_dim, random_state=self.random_state)
+            self.coreset_info_ = None
+        elif method == "exact":
             chunks = (chunk for _, chunk in store.iter_chunks())
-            projected = project_chunks(chunks, n_patches, projection, device=self.device)
+            projected = project_chunks(
+                chunks, n_patches, projection, device=self.device, dtype=self.projection_dtype, progress=self.progress
+            )
             start = int(np.random.default_rng(self.random_state).integers(n_patches))
-            selected = k_center_greedy(projected, size, start_index=start, progress=self.progress)
+            selected, self.coreset_info_ = k_center_greedy(
+                projected, size, start_index=start, progress=self.progress, return_info=True
+            )
             del projected
+        else:
+            selected, self.coreset_info_ = approximate_k_center_greedy(
+                self._projected_shards(store, projection), n_patches, size,
+                random_state=self.random_state, return_info=True,
+            )
 
         # Up to 20000 random training patches give the scale of a normal patch score (its 99th
         # percentile), for example for the color scale of overlays. Training patches are close
@@ -403,6 +540,14 @@ class PatchCore:
         self.index_ = MemoryBankIndex("Flat").build(self.memory_bank_)
         distances, _ = self.index_.search(gathered[len(selected) :], k=1)
         self.training_patch_score_p99_ = float(np.percentile(distances[:, 0], 99))
+
+    def _projected_shards(self, store: ShardStore, projection: SparseRandomProjection):
+        """Yield (first_row, projected shard) for each shard, one at a time."""
+        first_row = 0
+        for number, (_, rows) in enumerate(store.shards):
+            chunks = (chunk for _, chunk in store.iter_chunks(shard=number))
+            yield first_row, project_chunks(chunks, rows, projection, device=self.device, dtype=self.projection_dtype)
+            first_row += rows
 
     # -----------------------------------------------------------------------------------------
     # Predict

@@ -1,14 +1,17 @@
-"""Patch embeddings streamed into HDF5 shard files.
+"""Patch embeddings streamed into HDF5 shard files, resumable after an interruption.
 
 A store is a folder of shards ``shard-00000.h5``, ``shard-00001.h5``, ... and a
-``manifest.json``. Each shard contains at most ``rows_per_shard`` rows in three datasets:
+``manifest.json``. Each shard holds the patches of whole images, about ``rows_per_shard`` rows
+(a shard is finished after the image that reaches that count), in three datasets:
 
 - ``embeddings``: (n, d) float16 or float32, one row per patch;
 - ``image_index``: (n,) int32, the position of the patch's image in the manifest's image list;
 - ``patch_position``: (n, 2) int16, the patch's (row, column) on the feature grid.
 
-Rows are appended batch by batch and go straight to disk, so memory does not grow with the
-number of images. Readers go through the rows in chunks.
+Rows go straight to disk, so memory does not grow with the number of images. Each finished
+shard is recorded in ``progress.json``; a writer opened on a folder with a progress file and the
+same fingerprint (the caller's record of inputs and settings) keeps the finished shards,
+discards the unfinished one and continues after the last input of the finished shards.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 STORE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -36,22 +40,47 @@ def _shard_name(number: int) -> str:
     return f"shard-{number:05d}.h5"
 
 
+def _write_json(path: Path, content: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(content, indent=1), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _differences(stored: dict | None, expected: dict | None) -> list[str]:
+    stored, expected = stored or {}, expected or {}
+    return sorted(key for key in set(stored) | set(expected) if stored.get(key) != expected.get(key))
+
+
 class ShardWriter:
-    """Append patch embeddings to a new store in `directory`.
+    """Write patch embeddings, image by image, to a store in `directory`.
 
     Parameters
     ----------
     directory : path
-        Folder of the store; created if missing, and it must not hold a store already.
+        Folder of the store; created if missing. It must be empty, or hold the progress file
+        of an interrupted writer with the same `fingerprint`, which is then resumed.
     dim : int
         Embedding width d.
     dtype : "float16" or "float32"
         Storage type of the embeddings; float16 halves the disk and I/O.
     rows_per_shard : int
-        Maximum number of rows per shard file.
+        A shard is finished after the image that brings it to this many rows.
+    fingerprint : dict or None
+        JSON-serializable description of the inputs and settings; a resume needs an equal one.
+
+    After a resume, `inputs_done` is the number of inputs that the finished shards cover,
+    `images` and `skipped` hold their image names and skipped inputs; the caller continues with
+    input number `inputs_done`.
     """
 
-    def __init__(self, directory: str | os.PathLike, dim: int, dtype: str = "float16", rows_per_shard: int = 1 << 20):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        dim: int,
+        dtype: str = "float16",
+        rows_per_shard: int = 1 << 20,
+        fingerprint: dict | None = None,
+    ):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
         if rows_per_shard < 1:
@@ -60,89 +89,140 @@ class ShardWriter:
             raise ValueError(f"dim must be positive, got {dim}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        if (self.directory / MANIFEST).exists() or any(self.directory.glob("shard-*.h5")):
-            raise ValueError(f"{self.directory} already contains an embedding store; use an empty folder")
-
         self.dim = int(dim)
         self.dtype = dtype
         self.rows_per_shard = int(rows_per_shard)
+        self.fingerprint = fingerprint
         self.shard_rows: list[int] = []
+        self.images: list[str] = []
+        self.skipped: list[tuple[int, str, str]] = []  # (input number, name, reason)
+        self.inputs_done = 0
         self.n_rows = 0
         self._file: h5py.File | None = None
         self._started = time.perf_counter()
+
+        if (self.directory / MANIFEST).exists():
+            raise ValueError(f"{self.directory} already contains a finished embedding store; use an empty folder")
+        if (self.directory / PROGRESS).exists():
+            self._resume()
+        elif any(self.directory.glob("shard-*.h5")):
+            raise ValueError(f"{self.directory} contains shard files but no {PROGRESS}; use an empty folder")
+
+    def _resume(self) -> None:
+        path = self.directory / PROGRESS
+        try:
+            progress = json.loads(path.read_text(encoding="utf-8"))
+            settings = {key: progress[key] for key in ("format_version", "dim", "dtype", "rows_per_shard")}
+            shards, images = progress["shards"], progress["images"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"cannot resume from {path} ({error}); delete the folder or use an empty one") from None
+        mine = {"format_version": STORE_FORMAT_VERSION, "dim": self.dim, "dtype": self.dtype, "rows_per_shard": self.rows_per_shard}
+        changed = _differences(settings, mine) + _differences(progress.get("fingerprint"), self.fingerprint)
+        if changed:
+            raise ValueError(
+                f"{self.directory} contains an interrupted store of other inputs or settings "
+                f"(differs in: {', '.join(changed)}); use an empty folder or the same inputs and settings"
+            )
+
+        # Keep the finished shards; the one being written when the run stopped is redone.
+        finished = {shard["file"] for shard in shards}
+        for leftover in self.directory.glob("shard-*.h5"):
+            if leftover.name not in finished:
+                leftover.unlink()
+        self.shard_rows = [int(shard["rows"]) for shard in shards]
+        self.n_rows = sum(self.shard_rows)
+        self.images = list(images)
+        self.skipped = [tuple(item) for item in progress["skipped"]]
+        self.inputs_done = int(progress["inputs_done"])
+        logger.info(
+            "resuming embedding store %s: %d finished shards, %d patches of %d images, %d inputs done",
+            self.directory, len(self.shard_rows), self.n_rows, len(self.images), self.inputs_done,
+        )
 
     def _open_shard(self) -> h5py.File:
         path = self.directory / _shard_name(len(self.shard_rows))
         handle = h5py.File(path, "w")
         chunk = min(self.rows_per_shard, 4096)
         handle.create_dataset(
-            "embeddings", shape=(0, self.dim), maxshape=(self.rows_per_shard, self.dim),
-            dtype=_DTYPES[self.dtype], chunks=(chunk, self.dim),
+            "embeddings", shape=(0, self.dim), maxshape=(None, self.dim), dtype=_DTYPES[self.dtype], chunks=(chunk, self.dim)
         )
-        handle.create_dataset("image_index", shape=(0,), maxshape=(self.rows_per_shard,), dtype=np.int32, chunks=(chunk,))
-        handle.create_dataset(
-            "patch_position", shape=(0, 2), maxshape=(self.rows_per_shard, 2), dtype=np.int16, chunks=(chunk, 2)
-        )
+        handle.create_dataset("image_index", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(chunk,))
+        handle.create_dataset("patch_position", shape=(0, 2), maxshape=(None, 2), dtype=np.int16, chunks=(chunk, 2))
         self.shard_rows.append(0)
         return handle
 
-    def append(self, embeddings: np.ndarray, image_index: np.ndarray, patch_position: np.ndarray) -> None:
-        """Append rows: embeddings (n, d), image_index (n,) and patch_position (n, 2)."""
+    def add_image(self, name: str, embeddings: np.ndarray, patch_position: np.ndarray, inputs_done: int | None = None) -> None:
+        """Append one image's patches: embeddings (n, d) and patch_position (n, 2).
+
+        `inputs_done` is the number of inputs handled once this image is stored (by default,
+        one more than before); it is what a resume continues from.
+        """
         embeddings = np.asarray(embeddings)
         n = embeddings.shape[0]
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
             raise ValueError(f"expected embeddings of shape (n, {self.dim}), got {embeddings.shape}")
-        if np.shape(image_index) != (n,) or np.shape(patch_position) != (n, 2):
-            raise ValueError(
-                f"image_index must be ({n},) and patch_position ({n}, 2), "
-                f"got {np.shape(image_index)} and {np.shape(patch_position)}"
-            )
+        if np.shape(patch_position) != (n, 2):
+            raise ValueError(f"patch_position must be ({n}, 2), got {np.shape(patch_position)}")
 
-        start = 0
-        while start < n:
-            if self._file is None or self.shard_rows[-1] == self.rows_per_shard:
-                self._close_shard()
-                self._file = self._open_shard()
-            used = self.shard_rows[-1]
-            take = min(n - start, self.rows_per_shard - used)
-            stop = start + take
-            for name, values in (
-                ("embeddings", embeddings[start:stop]),
-                ("image_index", np.asarray(image_index[start:stop])),
-                ("patch_position", np.asarray(patch_position[start:stop])),
-            ):
-                dataset = self._file[name]
-                dataset.resize(used + take, axis=0)
-                dataset[used : used + take] = values
-            self.shard_rows[-1] += take
-            self.n_rows += take
-            start = stop
+        if self._file is None:
+            self._file = self._open_shard()
+        used = self.shard_rows[-1]
+        image_index = np.full(n, len(self.images), dtype=np.int32)
+        for field, values in (("embeddings", embeddings), ("image_index", image_index), ("patch_position", patch_position)):
+            dataset = self._file[field]
+            dataset.resize(used + n, axis=0)
+            dataset[used:] = values
+        self.shard_rows[-1] += n
+        self.n_rows += n
+        self.images.append(str(name))
+        self.inputs_done = self.inputs_done + 1 if inputs_done is None else int(inputs_done)
 
-    def _close_shard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self.shard_rows[-1] >= self.rows_per_shard:
+            self._finish_shard()
 
-    def close(self, images: Sequence[str]) -> "ShardStore":
-        """Finish the store, recording the image list that image_index points into."""
-        self._close_shard()
-        manifest = {
+    def add_skipped(self, input_number: int, name: str, reason: str) -> None:
+        """Record input number `input_number` as unreadable."""
+        self.skipped.append((int(input_number), str(name), str(reason)))
+
+    def _finish_shard(self) -> None:
+        self._file.close()
+        self._file = None
+        _write_json(self.directory / PROGRESS, self._describe(
+            inputs_done=self.inputs_done,
+            skipped=[item for item in self.skipped if item[0] < self.inputs_done],
+        ))
+
+    def _describe(self, **extra) -> dict:
+        return {
             "format_version": STORE_FORMAT_VERSION,
             "dim": self.dim,
             "dtype": self.dtype,
             "rows_per_shard": self.rows_per_shard,
+            "fingerprint": self.fingerprint,
             "n_rows": self.n_rows,
             "shards": [{"file": _shard_name(i), "rows": rows} for i, rows in enumerate(self.shard_rows)],
-            "images": [str(image) for image in images],
+            "images": self.images,
+            **extra,
         }
-        temporary = self.directory / (MANIFEST + ".tmp")
-        temporary.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        os.replace(temporary, self.directory / MANIFEST)
+
+    def abort(self) -> None:
+        """Close the open shard after a failure; finished shards stay resumable."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> "ShardStore":
+        """Finish the store and return it for reading."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        _write_json(self.directory / MANIFEST, self._describe(skipped=[list(item) for item in self.skipped]))
+        (self.directory / PROGRESS).unlink(missing_ok=True)
 
         elapsed = time.perf_counter() - self._started
         logger.info(
             "stored %d patches of %d images in %d shards (%s) in %.1f s",
-            self.n_rows, len(images), len(self.shard_rows), self.dtype, elapsed,
+            self.n_rows, len(self.images), len(self.shard_rows), self.dtype, elapsed,
         )
         return ShardStore(self.directory)
 
@@ -166,17 +246,29 @@ class ShardStore:
         self.n_rows = int(manifest["n_rows"])
         self.shards = [(self.directory / shard["file"], int(shard["rows"])) for shard in manifest["shards"]]
         self.images = list(manifest["images"])
+        self.fingerprint = manifest.get("fingerprint")
+        self.skipped = [tuple(item) for item in manifest.get("skipped", [])]
+
+    def differences(self, fingerprint: dict | None) -> list[str]:
+        """Keys of `fingerprint` whose values differ from the store's, sorted."""
+        return _differences(self.fingerprint, fingerprint)
 
     def __len__(self) -> int:
         return self.n_rows
 
-    def iter_chunks(self, chunk_rows: int = 65536, fields: Sequence[str] = ("embeddings",)) -> Iterator[tuple]:
+    def iter_chunks(
+        self, chunk_rows: int = 16384, fields: Sequence[str] = ("embeddings",), shard: int | None = None
+    ) -> Iterator[tuple]:
         """Yield (start_row, arrays...) over all rows in order, at most `chunk_rows` at a time.
 
-        Embeddings come back as (m, d) float32 whatever the storage type.
+        Embeddings come back as (m, d) float32 whatever the storage type. With `shard`, only
+        that shard's rows are read (start_row still counts from the first row of the store).
         """
         start = 0
-        for path, rows in self.shards:
+        for number, (path, rows) in enumerate(self.shards):
+            if shard is not None and number != shard:
+                start += rows
+                continue
             with h5py.File(path, "r") as handle:
                 for offset in range(0, rows, chunk_rows):
                     stop = min(offset + chunk_rows, rows)
@@ -187,7 +279,7 @@ class ShardStore:
                     yield (start + offset, *arrays)
             start += rows
 
-    def take(self, rows: np.ndarray, chunk_rows: int = 65536) -> np.ndarray:
+    def take(self, rows: np.ndarray, chunk_rows: int = 16384) -> np.ndarray:
         """Gather embeddings of the given row numbers (k,) as (k, d) float32, in that order."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
