@@ -56,8 +56,8 @@ class Calibration:
     def threshold(self, fpr: float = DEFAULT_FPR) -> float:
         """Return the image-score threshold above which an image is anomalous at rate `fpr`.
 
-        When `fpr` is below 1 / (n + 1), this is the largest calibration score, and the
-        false-positive rate on new normal images is then about 1 / (n + 1); see `warn_if_coarse`.
+        When `fpr` is below 1 / (n + 1), this is the largest calibration score. The
+        false-positive rate on new normal images is then about 1 / (n + 1), see `warn_if_coarse`.
         """
         fpr = check_fpr(fpr)
         rank = math.ceil((self.n_images + 1) * (1.0 - fpr))

@@ -353,7 +353,7 @@ class PatchCore:
         if count == 0:
             if self.calibration_fraction > 0:
                 logger.warning(
-                    "calibration_fraction %g of %d training images holds back no image; the model is not calibrated",
+                    "calibration_fraction %g of %d training images rounds to no image, so the model is not calibrated",
                     self.calibration_fraction, len(items),
                 )
             return items, []
@@ -363,8 +363,8 @@ class PatchCore:
                 "for the memory bank; use a smaller fraction"
             )
         held_back = set(np.random.default_rng(self.random_state).choice(len(items), size=count, replace=False).tolist())
-        kept = [item for position, item in enumerate(items) if position not in held_back]
-        return kept, [items[position] for position in sorted(held_back)]
+        bank_items = [item for position, item in enumerate(items) if position not in held_back]
+        return bank_items, [items[position] for position in sorted(held_back)]
 
     def _calibrate(self, items: list, calibration_source) -> Calibration | None:
         """Score normal images that the memory bank has not seen; None when there are none.
