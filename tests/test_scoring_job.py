@@ -197,17 +197,17 @@ def test_journal_drops_incomplete_last_record(tmp_path):
     assert (tmp_path / "journal.jsonl").read_bytes().endswith(b'"b"}\n')
 
 
-def test_killed_job_resumes_to_same_table(calibrated_dir, image_folder, tmp_path):
+def test_killed_job_resumes_to_same_table(calibrated_dir, image_folder, tmp_path, capsys):
     bad = write_bad_images(tmp_path / "bad")
-    command = [
-        sys.executable, "-m", "patchindex.cli", "score", "--model", str(calibrated_dir), str(image_folder),
-        str(tmp_path / "bad"), "--batch-size", "2", "--overlays", "anomalous", "-q",
+    arguments = [
+        "score", "--model", str(calibrated_dir), str(image_folder), str(tmp_path / "bad"),
+        "--batch-size", "2", "--overlays", "anomalous", "-q",
     ]
-    whole = subprocess.run([*command, "--out", str(tmp_path / "whole")], capture_output=True, text=True)
-    assert whole.returncode == 1, whole.stderr
+    assert main([*arguments, "--out", str(tmp_path / "whole")]) == 1
 
     resumed = tmp_path / "resumed"
-    process = subprocess.Popen([*command, "--out", str(resumed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "patchindex.cli", *arguments, "--out", str(resumed)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = resumed / ".journal.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -220,10 +220,11 @@ def test_killed_job_resumes_to_same_table(calibrated_dir, image_folder, tmp_path
     scored_at_kill = sum(record["error"] is None for record in records)
     assert 8 <= len(records) < 25 + len(bad)
 
-    rerun = subprocess.run([*command, "--out", str(resumed)], capture_output=True, text=True)
+    capsys.readouterr()
+    status = main([*arguments, "--out", str(resumed)])
 
-    assert rerun.returncode == 1, rerun.stderr
-    assert f"{scored_at_kill} already scored by an earlier run" in rerun.stdout
+    assert status == 1
+    assert f"{scored_at_kill} already scored by an earlier run" in capsys.readouterr().out
     assert (resumed / "scores.csv").read_text() == (tmp_path / "whole" / "scores.csv").read_text()
     rows = read_rows(resumed / "scores.csv")
     assert sorted(row["path"] for row in rows if row["error"]) == sorted(str(path) for path in bad)
