@@ -3,15 +3,17 @@
 Both score the same image files with the same backbone weights and the same memory bank.
 anomalib's ``PatchcoreModel`` is built for ``tf_efficientnet_lite0`` stages 2 and 3 without
 pretrained weights, and the fitted patchindex model's backbone state dict and memory bank are
-then loaded into it. Images are squeezed to 256 x 256 without a crop (the default pre-processing of
-anomalib 2.7's PatchCore, with the backbone's mean and std of 0.5), so the patchindex model must
-be fitted with ``--resize 256x256 --crop none``; without ``--model`` one is fitted here.
+then loaded into it. Images are squeezed to 256 x 256 without a crop, which is the default
+pre-processing of anomalib 2.7's PatchCore, and normalized with the backbone's mean and std of
+0.5. The patchindex model must therefore be fitted with ``--resize 256x256 --crop none``, and
+without ``--model`` one is fitted here.
 
 patchindex runs its whole job (decode in background threads, score, anomaly maps at each
 image's own size into gzip-compressed HDF5, results table). anomalib runs its torch model on
 batches from a torch DataLoader over its ``PredictDataset`` with as many worker processes, and
 keeps scores and 256 x 256 maps in memory, with no Lightning engine and nothing written. Passes
-alternate between the two, and each is timed from the first image to the last.
+alternate between the two. Each pass is timed as a whole, so it includes listing the files
+and, for anomalib, starting the DataLoader workers.
 
 Needs an environment with both packages, for example a venv with anomalib 2.7 and this
 repository's dependencies:
