@@ -27,6 +27,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,6 +53,7 @@ JOURNAL_FILE = ".journal.jsonl"
 CSV_FILE = "scores.csv"
 PARQUET_FILE = "scores.parquet"
 JOB_FILE = "job.json"
+LOCK_FILE = ".lock"
 OVERLAY_DIR = "overlays"
 # Parameters that change scores or maps; the others (device, batch size, progress) do not.
 _SCORING_PARAMS = ("backbone", "out_indices", "resize", "crop", "embedding_dim", "num_neighbors", "blur_sigma")
@@ -366,6 +368,23 @@ def _pending_batches(entries: list[_Entry], latest: dict[str, dict], batch_size:
             yield batch
 
 
+@contextmanager
+def _exclusive_lock(out: Path):
+    """Hold an exclusive lock on `out`, raising ValueError when another job holds it."""
+    try:
+        import fcntl
+    except ImportError:
+        # NOTE: without fcntl (Windows), two jobs sharing an output folder are not detected.
+        yield
+        return
+    with open(out / LOCK_FILE, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another scoring job is writing into {out}; wait for it or choose another --out") from None
+        yield
+
+
 def run_scoring_job(
     model,
     inputs,
@@ -421,6 +440,18 @@ def run_scoring_job(
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder; choose a folder for the results")
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(out):
+        return _score_into(
+            model, inputs, out, overlays, threshold, threshold_source, max_pixels, workers, batch_size,
+            table_interval, progress,
+        )
+
+
+def _score_into(
+    model, inputs, out: Path, overlays: str, threshold: float | None, threshold_source: str,
+    max_pixels: int | None, workers: int, batch_size: int, table_interval: float, progress: bool,
+) -> JobSummary:
+    """Run the job once `run_scoring_job` has checked its arguments and locked `out`."""
     job = _read_job(out, _model_fingerprint(model))
     if job["runs"] and job.get("threshold") != threshold:
         logger.warning(

@@ -159,6 +159,20 @@ def test_job_rejects_other_model(calibrated_model, fitted_model, demo_data, tmp_
         run_scoring_job(fitted_model, demo_data / "test" / "good", out, overlays="none", progress=False)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="the lock uses fcntl")
+def test_job_rejects_concurrent_run(calibrated_model, demo_data, tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another scoring job is writing"):
+            run_scoring_job(calibrated_model, demo_data / "test" / "good", out, progress=False)
+    summary = run_scoring_job(calibrated_model, demo_data / "test" / "good", out, overlays="none", progress=False)
+    assert summary.n_scored == 4
+
+
 def test_uncalibrated_model_scores_without_decisions(fitted_model, demo_data, tmp_path):
     out = tmp_path / "out"
     summary = run_scoring_job(fitted_model, demo_data / "test" / "good", out, progress=False)
