@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -71,6 +70,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="keep the HDF5 embedding shards in this folder; a rerun with the same inputs resumes or reuses them",
     )
     fit.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    fit.add_argument(
+        "--calibration-fraction", type=float, default=0.1,
+        help="fraction of the normal images held back from the memory bank to calibrate decision thresholds (default 0.1; 0 for none)",
+    )
+    fit.add_argument(
+        "--calibration-data", default=None,
+        help="folder, glob or list file of other normal images to calibrate on; then no training image is held back",
+    )
     _add_common(fit)
 
     evaluate = commands.add_parser("evaluate", help="compute image AUROC, pixel AUROC and PRO on an MVTec AD test split")
@@ -80,11 +87,30 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_weights_override(evaluate)
     _add_common(evaluate)
 
-    score = commands.add_parser("score", help="score images: a CSV of image scores and PNG heatmap overlays")
+    score = commands.add_parser(
+        "score", help="score images into a resumable folder: a table of scores and decisions, anomaly maps, overlays"
+    )
     score.add_argument("--model", required=True, help="model folder written by 'patchindex fit'")
     score.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs or text files listing paths")
-    score.add_argument("--out", required=True, help="output folder for scores.csv and overlays/")
-    score.add_argument("--overlays", choices=("all", "none"), default="all", help="write a PNG overlay per image (default all)")
+    score.add_argument(
+        "--out", required=True,
+        help="output folder; a rerun into it skips images already scored (same path, size and modification time)",
+    )
+    score.add_argument(
+        "--overlays", choices=("all", "anomalous", "none"), default=None,
+        help="images that get a PNG heatmap overlay (default: anomalous when there is a threshold, else none)",
+    )
+    decision = score.add_mutually_exclusive_group()
+    decision.add_argument(
+        "--fpr", type=float, default=0.01,
+        help="target false-positive rate on normal images that sets the decision threshold from the model's calibration (default 0.01)",
+    )
+    decision.add_argument("--threshold", type=float, default=None, help="decision threshold on the raw image score, instead of --fpr")
+    score.add_argument(
+        "--max-pixels", type=int, default=50_000_000,
+        help="images with more pixels (width x height) get an error row instead of being decoded (default 50000000)",
+    )
+    score.add_argument("--workers", type=int, default=2, help="background threads that decode images (default 2)")
     score.add_argument("--allow-errors", action="store_true", help="exit with status 0 even when some images failed")
     _add_weights_override(score)
     _add_common(score)
@@ -144,6 +170,7 @@ def _fit_and_save(args: argparse.Namespace, out: Path) -> int:
 
     model = PatchCore(
         args.backbone,
+        calibration_fraction=0.0 if args.calibration_data else args.calibration_fraction,
         weights=args.weights,
         coreset_ratio=args.coreset_ratio,
         coreset_method=args.coreset_method,
@@ -157,13 +184,21 @@ def _fit_and_save(args: argparse.Namespace, out: Path) -> int:
         **_overrides(args),
     )
     started = time.perf_counter()
-    model.fit(args.data)
+    model.fit(args.data, calibration_source=args.calibration_data)
     model.save(out)
     print(
         f"fitted {args.backbone} on {model.n_train_images_} images ({model.n_train_patches_} patches, "
         f"{len(model.skipped_images_)} skipped): memory bank of {len(model.memory_bank_)} "
         f"in {time.perf_counter() - started:.1f} s; model saved to {args.out}"
     )
+    if model.calibration_ is None:
+        print("the model is not calibrated: 'score' gives no decisions unless it gets --threshold")
+    else:
+        calibration = model.calibration_
+        print(
+            f"calibrated on {calibration.source}: threshold {calibration.threshold():.6g} "
+            f"at a false-positive rate of 0.01 (the smallest these images can set is {calibration.min_fpr():.3g})"
+        )
     return 0
 
 
@@ -181,64 +216,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def score_to_folder(model, inputs, out: Path, overlays: str = "all") -> tuple[int, int]:
-    """Score `inputs` with `model`, writing out/scores.csv and out/overlays/*.png.
-
-    Rows are written and flushed as images finish, so an interrupted job keeps them. Returns
-    (number scored, number failed).
-    """
-    from .data import load_image
-    from .visualize import save_overlay
-
-    out.mkdir(parents=True, exist_ok=True)
-    overlay_dir = out / "overlays"
-    stale = list(overlay_dir.glob("[0-9][0-9][0-9][0-9][0-9]_*.png"))
-    for path in stale:
-        path.unlink()
-    if stale:
-        logger.info("removed %d overlays of an earlier run from %s", len(stale), overlay_dir)
-    if overlays != "none":
-        overlay_dir.mkdir(exist_ok=True)
-
-    # One color scale for every image of the model: from the typical training patch score
-    # (99th percentile) to three times that value.
-    reference = getattr(model, "training_patch_score_p99_", None)
-    vmin, vmax = (reference, 3.0 * reference) if reference else (0.0, None)
-
-    scored = failed = 0
-    with open(out / "scores.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "score", "overlay", "error"])
-        for number, result in enumerate(model.iter_predict(inputs)):
-            overlay = ""
-            if result.error is None and overlays != "none" and result.path is not None:
-                # The stem is shortened so that the number prefix keeps the name under 255 bytes.
-                overlay_path = overlay_dir / f"{number:05d}_{Path(result.path).stem[:100]}.png"
-                try:
-                    save_overlay(
-                        overlay_path, load_image(result.path), result.anomaly_map, result.score,
-                        vmin=vmin, vmax=vmax, title=result.path,
-                    )
-                    overlay = str(overlay_path)
-                except OSError as error:
-                    logger.warning("cannot write the overlay of %s: %s", result.path, error)
-            if result.error is None:
-                scored += 1
-                writer.writerow([result.path, f"{result.score:.6f}", overlay, ""])
-            else:
-                failed += 1
-                logger.warning("cannot score %s: %s", result.path, result.error)
-                writer.writerow([result.path, "", "", result.error])
-            handle.flush()
-    return scored, failed
-
-
 def _run_score(args: argparse.Namespace) -> int:
+    from .scoring_job import run_scoring_job
+
     model = _load_model(args)
-    out = Path(args.out)
-    scored, failed = score_to_folder(model, args.inputs, out, args.overlays)
-    print(f"scored {scored} images, {failed} failed; results in {out / 'scores.csv'}")
-    return 1 if failed and not args.allow_errors else 0
+    summary = run_scoring_job(
+        model, args.inputs, Path(args.out), overlays=args.overlays, fpr=args.fpr, threshold=args.threshold,
+        max_pixels=args.max_pixels, workers=args.workers, progress=not args.quiet,
+    )
+    print(summary.report())
+    return 1 if summary.n_failed and not args.allow_errors else 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -247,12 +234,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     data = make_demo_dataset(out / "data")
-    model = PatchCore(**_overrides(args)).fit(data)
+    from .scoring_job import run_scoring_job
+
+    model = PatchCore(calibration_fraction=0.1, **_overrides(args)).fit(data)
     model.save(out / "model")
     report = model.evaluate(data)
     (out / "evaluation.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     test_images = sorted((data / "test").glob("*/*.png"))
-    scored, failed = score_to_folder(model, test_images, out / "scores")
+    summary = run_scoring_job(model, test_images, out / "scores", overlays="all", progress=not args.quiet)
 
     print(f"demo dataset:  {data}")
     print(f"model:         {out / 'model'}")
@@ -260,7 +249,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         f"evaluation:    {out / 'evaluation.json'} (image AUROC {report['image_auroc']:.3f}, "
         f"pixel AUROC {report['pixel_auroc']:.3f}, PRO {report['pro']:.3f})"
     )
-    print(f"scores:        {out / 'scores' / 'scores.csv'} ({scored} images, {failed} failed)")
+    print(f"scores:        {out / 'scores' / 'scores.csv'} ({summary.n_scored} images, {summary.n_failed} failed)")
     print(f"overlays:      {out / 'scores' / 'overlays'}")
     return 0
 

@@ -375,10 +375,12 @@ def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file as 8-bit RGB, (H, W, 3) uint8, turned upright by its EXIF orientation.
 
-    Raises ImageLoadError, naming the file, when it is missing, empty, not an image or corrupt.
+    Raises ImageLoadError, naming the file, when it is missing, empty, not an image or corrupt,
+    or when its width times height exceeds `max_pixels`. That size is read from the file header,
+    before the pixels are decoded.
     """
     path = Path(path)
     try:
@@ -387,6 +389,13 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         if path.stat().st_size == 0:
             raise ImageLoadError(path, "the file is empty (0 bytes)")
         with Image.open(path) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageLoadError(
+                    path,
+                    f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
+                    "pixels; raise the pixel limit (--max-pixels) to score it",
+                )
             image.load()
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)

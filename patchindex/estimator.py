@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .calibration import Calibration
 from .coreset import (
     SparseRandomProjection,
     approximate_k_center_greedy,
@@ -94,6 +95,14 @@ class Prediction:
     scores: np.ndarray
     anomaly_maps: list[np.ndarray] = field(default_factory=list)
     paths: list[str | None] = field(default_factory=list)
+
+
+def _add_seconds(timings: dict | None, stage: str, started: float) -> float:
+    """Add the seconds since `started` to timings[stage] and return the current clock."""
+    now = time.perf_counter()
+    if timings is not None:
+        timings[stage] = timings.get(stage, 0.0) + (now - started)
+    return now
 
 
 def _inputs_digest(items: list) -> str:
@@ -224,6 +233,9 @@ class PatchCore:
         settings resumes it, and a finished store of them is reused.
     strict : bool
         Stop fit at the first unreadable training image instead of skipping it with a warning.
+    calibration_fraction : float in [0, 1)
+        Fraction of the training images held back from the memory bank and scored to
+        calibrate decision thresholds (`calibration_`); 0 holds back none.
     random_state : int or None
         Seed of the random projection and of the coreset's first center.
     progress : bool
@@ -251,6 +263,7 @@ class PatchCore:
         shard_rows: int = 1 << 20,
         store_dir: str | os.PathLike | None = None,
         strict: bool = False,
+        calibration_fraction: float = 0.0,
         random_state: int | None = 0,
         progress: bool = True,
     ):
@@ -272,6 +285,7 @@ class PatchCore:
         self.shard_rows = shard_rows
         self.store_dir = store_dir
         self.strict = strict
+        self.calibration_fraction = calibration_fraction
         self.random_state = random_state
         self.progress = progress
 
@@ -292,6 +306,9 @@ class PatchCore:
             raise ValueError(f"projection_dtype must be one of {sorted(_PROJECTION_BYTES)}, got {self.projection_dtype!r}")
         if self.coreset_method not in ("auto", "exact", "approximate"):
             raise ValueError(f"coreset_method must be 'auto', 'exact' or 'approximate', got {self.coreset_method!r}")
+        fraction = self.calibration_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 <= fraction < 1:
+            raise ValueError(f"calibration_fraction must lie in [0, 1), got {fraction!r}")
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -344,24 +361,30 @@ class PatchCore:
     # -----------------------------------------------------------------------------------------
     # Fit
 
-    def fit(self, source) -> "PatchCore":
+    def fit(self, source, calibration_source=None) -> "PatchCore":
         """Build the memory bank from normal images.
 
         `source` is an MVTec AD category folder (its ``train/good`` images), an image folder,
         a glob pattern, a text file listing paths, or a list of paths, arrays and PIL images.
         Unreadable images are skipped with one warning naming them (`skipped_images_`), unless
         `strict` is set. `source` can also be a `ShardStore` of patch embeddings written with
-        this model's backbone settings; its patches are then used as they are.
+        this model's backbone settings; its patches are then used as they are. Normal images in
+        `calibration_source` (any of the image forms), or else a `calibration_fraction` of
+        `source`, are scored after fitting to set `calibration_`.
         """
         self._validate_params()
         started = time.perf_counter()
+        if isinstance(source, ShardStore):
+            items = None
+            calibration_items = [] if calibration_source is None else expand_training_inputs(calibration_source)
+        else:
+            items, calibration_items = self._split_calibration(expand_training_inputs(source), calibration_source)
         self._build_network()
 
-        if isinstance(source, ShardStore):
+        if items is None:
             store, grid = self._check_store(source), None
             self._select_memory_bank(store)
         else:
-            items = expand_training_inputs(source)
             temporary = None
             if self.store_dir is None:
                 temporary = tempfile.mkdtemp(prefix="patchindex-store-")
@@ -377,6 +400,7 @@ class PatchCore:
 
         self.skipped_images_ = [(name, reason) for _, name, reason in store.skipped]
         self.feature_grid_ = grid
+        self.calibration_ = self._calibrate(calibration_items, calibration_source)
         self.n_train_images_ = len(store.images)
         self.n_train_patches_ = len(store)
         self.fit_seconds_ = time.perf_counter() - started
@@ -385,6 +409,62 @@ class PatchCore:
             self.n_train_images_, self.n_train_patches_, len(self.memory_bank_), self.fit_seconds_,
         )
         return self
+
+    def _split_calibration(self, items: list, calibration_source) -> tuple[list, list]:
+        """Split training items into (memory bank items, calibration items)."""
+        if calibration_source is not None:
+            return items, expand_training_inputs(calibration_source)
+        count = int(round(self.calibration_fraction * len(items)))
+        if count == 0:
+            if self.calibration_fraction > 0:
+                logger.warning(
+                    "calibration_fraction %g of %d training images rounds to no image, so the model is not calibrated",
+                    self.calibration_fraction, len(items),
+                )
+            return items, []
+        if count >= len(items):
+            raise ValueError(
+                f"calibration_fraction {self.calibration_fraction} of {len(items)} training images leaves none "
+                "for the memory bank; use a smaller fraction"
+            )
+        held_back = set(np.random.default_rng(self.random_state).choice(len(items), size=count, replace=False).tolist())
+        bank_items = [item for position, item in enumerate(items) if position not in held_back]
+        return bank_items, [items[position] for position in sorted(held_back)]
+
+    def _calibrate(self, items: list, calibration_source) -> Calibration | None:
+        """Score normal images that the memory bank has not seen; None when there are none.
+
+        Unreadable calibration images join `skipped_images_`, or raise ImageLoadError when
+        `strict` is set.
+        """
+        if not items:
+            return None
+        scores, failed = [], []
+        for number, result in enumerate(self.iter_predict(items)):
+            name = result.path or f"<calibration input {number}>"
+            if result.error is None:
+                scores.append(result.score)
+            elif self.strict:
+                raise ImageLoadError(name, result.error)
+            else:
+                failed.append((name, result.error))
+        if failed:
+            logger.warning(
+                "left %d unreadable images out of calibration: %s",
+                len(failed), "; ".join(f"{name} ({reason})" for name, reason in failed),
+            )
+            self.skipped_images_.extend(failed)
+        if not scores:
+            raise ValueError(f"none of the {len(items)} calibration images could be read")
+
+        if calibration_source is not None:
+            source = f"{len(scores)} images from {describe_input(calibration_source) or 'the calibration images'}"
+        else:
+            source = f"{len(scores)} training images held back (calibration_fraction {self.calibration_fraction})"
+        calibration = Calibration.from_scores(scores, source)
+        logger.info("calibrated on %s: image scores %.4f to %.4f", source, calibration.scores[0], calibration.scores[-1])
+        calibration.warn_if_coarse()
+        return calibration
 
     def _store_fingerprint(self, items: list | None) -> dict:
         """Describe what a store's embeddings depend on: the backbone, preprocessing and inputs."""
@@ -586,8 +666,14 @@ class PatchCore:
                     results[position].geometry = geometry
             yield from results
 
-    def _score_tensors(self, tensors: list[torch.Tensor], geometries: list[Geometry]):
+    def _score_tensors(self, tensors: list[torch.Tensor], geometries: list[Geometry], timings: dict | None = None):
+        """Return image scores (n,) float32 and anomaly maps of preprocessed images.
+
+        `timings`, when given, accumulates seconds under "backbone", "search" and "postprocess".
+        """
+        clock = time.perf_counter()
         embeddings = self._embed(tensors)
+        clock = _add_seconds(timings, "backbone", clock)
         scores = np.empty(len(tensors), dtype=np.float32)
         maps: list[np.ndarray | None] = [None] * len(tensors)
 
@@ -607,11 +693,13 @@ class PatchCore:
             image_scores = reweighted_image_scores(
                 patches, patch_scores, nearest, self.memory_bank_, self.index_, self.num_neighbors
             )
+            clock = _add_seconds(timings, "search", clock)
 
             for row, position in enumerate(positions):
                 scores[position] = image_scores[row]
                 grid = patch_scores[row].reshape(height, width)
                 maps[position] = anomaly_map(grid, geometries[position], self.blur_sigma)
+            clock = _add_seconds(timings, "postprocess", clock)
         return scores, maps
 
     def predict(self, images, batch_size: int | None = None) -> Prediction:
@@ -730,6 +818,9 @@ class PatchCore:
                 "patch_score_p99": self.training_patch_score_p99_,
             },
         }
+        calibration = getattr(self, "calibration_", None)
+        if calibration is not None:
+            config["calibration"] = calibration.to_config()
 
         # Each file goes to a temporary name first, so an interrupted save leaves no mix.
         np.save(directory / (BANK_FILE + ".tmp.npy"), self.memory_bank_, allow_pickle=False)
@@ -810,6 +901,9 @@ class PatchCore:
         model.feature_grid_ = tuple(training["feature_grid"]) if training.get("feature_grid") else None
         model.skipped_images_ = [tuple(item) for item in training.get("skipped_images", [])]
         model.training_patch_score_p99_ = training.get("patch_score_p99")
+        # Models saved before calibration existed have no such section and load uncalibrated.
+        section = config.get("calibration")
+        model.calibration_ = None if section is None else Calibration.from_config(section, directory / CONFIG_FILE)
         logger.info("loaded model from %s: memory bank %s", directory, bank.shape)
         return model
 

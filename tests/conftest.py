@@ -30,6 +30,12 @@ def fitted_model(demo_data) -> PatchCore:
 
 
 @pytest.fixture(scope="session")
+def calibrated_model(demo_data) -> PatchCore:
+    """A model fitted on 9 demo training images and calibrated on the other 3; do not change it."""
+    return PatchCore(progress=False, coreset_ratio=0.2, calibration_fraction=0.25).fit(demo_data)
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATA}")
