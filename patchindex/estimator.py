@@ -35,7 +35,7 @@ from .data import (
     to_rgb,
 )
 from .features import FeatureExtractor, default_normalization
-from .index import MemoryBankIndex
+from .index import AUTO, MemoryBankIndex, check_index_spec
 from .metrics import image_auroc, pixel_auroc, pro_score
 from .scoring import anomaly_map, reweighted_image_scores
 from .store import ShardWriter
@@ -160,6 +160,16 @@ class PatchCore:
         Fraction of training patches kept in the memory bank.
     projection_dim : int
         Dimension of the sparse random projection used for coreset selection.
+    index : str
+        FAISS index factory string for the memory bank: ``"Flat"`` (exact search, the default),
+        ``"IVF<nlist>,Flat"``, ``"IVF<nlist>,PQ<m>"``, ``"HNSW<M>"`` and other L2 factory
+        strings, or ``"auto"``, which chooses from the bank size and tunes to `recall_target`.
+    recall_target : float in (0, 1]
+        Recall@1 of approximate search that ``index="auto"`` tunes nprobe or efSearch for.
+    nprobe, ef_search : int or None
+        Search parameters of IVF (inverted lists visited) and HNSW (candidate list size)
+        indexes; None keeps the FAISS default or the value ``"auto"`` tuned. Change them on a
+        fitted model with `set_search_params`.
     num_neighbors : int
         Support-set size b of the image-score reweighting; 1 gives the maximum patch score.
     blur_sigma : float
@@ -193,6 +203,10 @@ class PatchCore:
         embedding_dim: int | None = None,
         coreset_ratio: float = 0.1,
         projection_dim: int = 128,
+        index: str = "Flat",
+        recall_target: float = 0.99,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
         num_neighbors: int = 9,
         blur_sigma: float = 4.0,
         batch_size: int = 8,
@@ -212,6 +226,10 @@ class PatchCore:
         self.embedding_dim = embedding_dim
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
+        self.index = index
+        self.recall_target = recall_target
+        self.nprobe = nprobe
+        self.ef_search = ef_search
         self.num_neighbors = num_neighbors
         self.blur_sigma = blur_sigma
         self.batch_size = batch_size
@@ -236,6 +254,11 @@ class PatchCore:
         if not isinstance(self.blur_sigma, numbers.Real) or not 0 <= self.blur_sigma < 1000:
             raise ValueError(f"blur_sigma must be at least 0 and below 1000 pixels, got {self.blur_sigma!r}")
         check_coreset_ratio(self.coreset_ratio)
+        for name in ("nprobe", "ef_search"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"{name} must be None or a positive integer, got {value!r}")
+        MemoryBankIndex(self.index, recall_target=self.recall_target)
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -300,6 +323,7 @@ class PatchCore:
         started = time.perf_counter()
         items = expand_training_inputs(source)
         self._build_network()
+        self._check_index_spec()
 
         temporary = None
         if self.store_dir is None:
@@ -400,9 +424,43 @@ class PatchCore:
 
         self.coreset_indices_ = selected
         self.memory_bank_ = gathered[: len(selected)]
-        self.index_ = MemoryBankIndex("Flat").build(self.memory_bank_)
+        self.index_ = self._build_index(self.memory_bank_)
         distances, _ = self.index_.search(gathered[len(selected) :], k=1)
         self.training_patch_score_p99_ = float(np.percentile(distances[:, 0], 99))
+
+    # -----------------------------------------------------------------------------------------
+    # Index
+
+    def _check_index_spec(self) -> None:
+        """Raise ValueError, before features are extracted, for an index that cannot be built."""
+        check_index_spec(self.index, self.feature_extractor_.embedding_dim, nprobe=self.nprobe, ef_search=self.ef_search)
+
+    def _build_index(self, bank: np.ndarray) -> MemoryBankIndex:
+        index = MemoryBankIndex(self.index, recall_target=self.recall_target)
+        index.build(bank)
+        requested = {"nprobe": self.nprobe, "ef_search": self.ef_search}
+        applicable = {name: value for name, value in requested.items() if value is not None and name in index.search_params}
+        ignored = sorted(name for name, value in requested.items() if value is not None and name not in applicable)
+        if ignored:
+            logger.warning("%s does not apply to the %s index that was built; ignored", " and ".join(ignored), index.spec_)
+        index.set_search_params(**applicable)
+        return index
+
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> "PatchCore":
+        """Change the approximate search of a fitted model without rebuilding its index.
+
+        `nprobe` (inverted lists visited per query) applies to IVF indexes and `ef_search`
+        (HNSW candidate list size) to HNSW ones; None leaves a parameter unchanged. Larger
+        values raise recall and cost search time. Raises ValueError for a parameter that the
+        model's index does not have.
+        """
+        self._check_fitted()
+        self.index_.set_search_params(nprobe=nprobe, ef_search=ef_search)
+        if nprobe is not None:
+            self.nprobe = nprobe
+        if ef_search is not None:
+            self.ef_search = ef_search
+        return self
 
     # -----------------------------------------------------------------------------------------
     # Predict
@@ -442,9 +500,12 @@ class PatchCore:
             yield from results
 
     def _score_tensors(self, tensors: list[torch.Tensor], geometries: list[Geometry]):
-        embeddings = self._embed(tensors)
-        scores = np.empty(len(tensors), dtype=np.float32)
-        maps: list[np.ndarray | None] = [None] * len(tensors)
+        return self._score_embeddings(self._embed(tensors), geometries)
+
+    def _score_embeddings(self, embeddings: list[torch.Tensor], geometries: list[Geometry]):
+        """Return image scores (n,) float32 and anomaly maps of patch embeddings (d, h, w) each."""
+        scores = np.empty(len(embeddings), dtype=np.float32)
+        maps: list[np.ndarray | None] = [None] * len(embeddings)
 
         # Images of one size share a patch grid and are searched together.
         by_grid: dict[tuple, list[int]] = {}
@@ -576,7 +637,7 @@ class PatchCore:
                 "embedding_dim": extractor.embedding_dim,
             },
             "memory_bank": {"file": BANK_FILE, "shape": list(self.memory_bank_.shape), "dtype": "float32"},
-            "index": {"file": INDEX_FILE, "factory": self.index_.factory},
+            "index": {"file": INDEX_FILE, "factory": self.index_.spec_, "search_params": self.index_.search_params},
             "training": {
                 "n_images": self.n_train_images_,
                 "n_patches": self.n_train_patches_,
@@ -658,14 +719,20 @@ class PatchCore:
             )
 
         training = _read_training(config, directory / CONFIG_FILE)
-        model.memory_bank_ = bank.astype(np.float32, copy=False)
+        model.memory_bank_ = np.ascontiguousarray(bank, dtype=np.float32)
+        # The index reads the bank to return exact distances from lossy codes (PQ, SQ).
+        index.bank_ = model.memory_bank_
+        try:
+            index.set_search_params(nprobe=model.nprobe, ef_search=model.ef_search)
+        except ValueError as error:
+            raise ValueError(f"invalid parameter in {directory / CONFIG_FILE}: {error}") from None
         model.index_ = index
         model.n_train_images_ = training.get("n_images")
         model.n_train_patches_ = training.get("n_patches")
         model.feature_grid_ = tuple(training["feature_grid"]) if training.get("feature_grid") else None
         model.skipped_images_ = [tuple(item) for item in training.get("skipped_images", [])]
         model.training_patch_score_p99_ = training.get("patch_score_p99")
-        logger.info("loaded model from %s: memory bank %s", directory, bank.shape)
+        logger.info("loaded model from %s: memory bank %s, %s index", directory, bank.shape, index.spec_)
         return model
 
     def _check_backbone(self, stored: dict, directory: Path) -> None:

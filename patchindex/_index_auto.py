@@ -1,0 +1,95 @@
+"""The ``"auto"`` index: choose a factory string from the bank size, then tune it to a recall.
+
+Recall is measured with held-out bank vectors as queries: the index is tuned while it holds
+the rest of the bank, and the held-out vectors are added afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import faiss
+import numpy as np
+
+__all__ = ["AUTO_FLAT_MAX", "CALIBRATION_QUERIES", "choose_auto_spec", "ivf_nlist", "tune_search_params"]
+
+logger = logging.getLogger(__name__)
+
+# Below this bank size exact search is chosen: building and tuning an approximate index then
+# takes about as long as the exact searches it would save.
+# NOTE: estimated from the search benchmark on a 2-core CPU; a different machine may move it.
+AUTO_FLAT_MAX = 50_000
+
+# Bank vectors held out as queries to measure recall while tuning, at most a tenth of the bank.
+CALIBRATION_QUERIES = 2000
+
+_NPROBE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048)
+_EF_SEARCH_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+def ivf_nlist(n: int, points_per_list: int = 39) -> int:
+    """Return a power of two near 4 sqrt(n) inverted lists, with `points_per_list` each at least."""
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    while nlist > 1 and n < points_per_list * nlist:
+        nlist //= 2
+    return nlist
+
+
+def choose_auto_spec(n: int, dim: int, gpu: bool = False) -> str:
+    """Return the factory string that ``"auto"`` builds for a bank of `n` vectors of dimension `dim`.
+
+    Small banks get Flat. Larger ones get HNSW32 on a CPU, where it reached high recall at
+    the lowest search cost in the search benchmark, and IVF on a GPU, which has no HNSW.
+    """
+    if n < AUTO_FLAT_MAX:
+        return "Flat"
+    if gpu:
+        return f"IVF{ivf_nlist(n)},Flat"
+    return "HNSW32"
+
+
+def tune_search_params(
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    set_params: Callable[..., object],
+    indexed: np.ndarray,
+    queries: np.ndarray,
+    params: dict,
+    recall_target: float,
+) -> dict:
+    """Find the smallest nprobe or efSearch that reaches `recall_target` on held-out queries.
+
+    `search(queries, k)` returns squared distances and labels of the index being tuned, which
+    holds the vectors `indexed` (n, d) float32, and `set_params(**params)` changes its search
+    parameters. `queries` (m, d) float32 must not be in the index. A hit is a distance no larger
+    than the exact one, so ties and duplicates count. Returns the chosen parameters; when no
+    step reaches the target, the largest is kept and a warning gives the recall it reached.
+    """
+    if "nprobe" in params:
+        name, steps = "nprobe", _NPROBE_STEPS
+    elif "ef_search" in params:
+        name, steps = "ef_search", _EF_SEARCH_STEPS
+    else:
+        return {}
+    exact, _ = faiss.knn(queries, indexed, 1)
+
+    # Tuning aims at half the miss rate that the target allows, so that sampling noise of a
+    # few thousand queries rarely leaves unseen queries below the target.
+    aim = 1.0 - (1.0 - recall_target) / 2
+    recall, chosen = 0.0, steps[0]
+    for value in steps:
+        try:
+            set_params(**{name: value})
+        except ValueError:
+            break
+        chosen = value
+        approximate, _ = search(queries, 1)
+        recall = float(np.mean(approximate[:, 0] <= exact[:, 0] * (1 + 1e-5) + 1e-6))
+        if recall >= aim:
+            break
+    set_params(**{name: chosen})
+    if recall < aim:
+        logger.warning("auto index: %s=%d reaches recall@1 %.4f on held-out bank vectors, below %.4f", name, chosen, recall, aim)
+    logger.info("auto index: %s=%d gives recall@1 %.4f on %d held-out bank vectors", name, chosen, recall, len(queries))
+    return {name: chosen}
