@@ -50,6 +50,16 @@ def choose_auto_spec(n: int, dim: int, gpu: bool = False) -> str:
     return "HNSW32"
 
 
+def _distances_to(queries: np.ndarray, vectors: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Return float64 Euclidean distances (m,) of queries to vectors[labels], inf where label is -1.
+
+    Recomputing both sides in float64 keeps the rounding of FAISS's exact search, which
+    expands |x - y|^2 as |x|^2 + |y|^2 - 2 x.y in float32, from counting as a miss.
+    """
+    differences = queries.astype(np.float64) - vectors[np.maximum(labels, 0)].astype(np.float64)
+    return np.where(labels >= 0, np.linalg.norm(differences, axis=1), np.inf)
+
+
 def tune_search_params(
     search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
     set_params: Callable[..., object],
@@ -72,7 +82,7 @@ def tune_search_params(
         name, steps = "ef_search", _EF_SEARCH_STEPS
     else:
         return {}
-    exact, _ = faiss.knn(queries, indexed, 1)
+    exact = _distances_to(queries, indexed, faiss.knn(queries, indexed, 1)[1][:, 0])
 
     # Tuning aims at half the miss rate that the target allows, so that sampling noise of a
     # few thousand queries rarely leaves unseen queries below the target.
@@ -84,8 +94,8 @@ def tune_search_params(
         except ValueError:
             break
         chosen = value
-        approximate, _ = search(queries, 1)
-        recall = float(np.mean(approximate[:, 0] <= exact[:, 0] * (1 + 1e-5) + 1e-6))
+        approximate = _distances_to(queries, indexed, search(queries, 1)[1][:, 0])
+        recall = float(np.mean(approximate <= exact * (1 + 1e-6)))
         if recall >= aim:
             break
     set_params(**{name: chosen})
