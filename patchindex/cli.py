@@ -35,14 +35,12 @@ def _add_weights_override(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_search_options(parser: argparse.ArgumentParser) -> None:
+def _add_search_options(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument(
-        "--nprobe", type=int, default=None,
-        help="inverted lists visited per query by an IVF index (default: the value stored in the model)",
+        "--nprobe", type=int, default=None, help=f"inverted lists an IVF index visits per query (default: {default})"
     )
     parser.add_argument(
-        "--ef-search", type=int, default=None,
-        help="candidate list size of an HNSW index search (default: the value stored in the model)",
+        "--ef-search", type=int, default=None, help=f"candidate list size of an HNSW index search (default: {default})"
     )
 
 
@@ -77,7 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "IVF<nlist>,PQ<m>, HNSW<M>, or auto (chosen from the bank size for --recall-target)",
     )
     fit.add_argument("--recall-target", type=float, default=0.99, help="recall@1 that --index auto tunes for (default 0.99)")
-    _add_search_options(fit)
+    _add_search_options(fit, "the FAISS default, or the value that --index auto tunes")
     fit.add_argument("--num-neighbors", type=int, default=9, help="support set size of the image-score reweighting; 1 takes the maximum patch score (default 9)")
     fit.add_argument("--embedding-dim", type=int, default=None, help="reduce patch embeddings to this many channels (default: keep all)")
     fit.add_argument("--store-dir", default=None, help="keep the HDF5 embedding shards in this folder")
@@ -89,7 +87,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="MVTec AD category folder with test/ and ground_truth/")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on standard output")
     _add_weights_override(evaluate)
-    _add_search_options(evaluate)
+    _add_search_options(evaluate, "the value saved with the model")
     _add_common(evaluate)
 
     score = commands.add_parser("score", help="score images: a CSV of image scores and PNG heatmap overlays")
@@ -99,7 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--overlays", choices=("all", "none"), default="all", help="write a PNG overlay per image (default all)")
     score.add_argument("--allow-errors", action="store_true", help="exit with status 0 even when some images failed")
     _add_weights_override(score)
-    _add_search_options(score)
+    _add_search_options(score, "the value saved with the model")
     _add_common(score)
 
     demo = commands.add_parser("demo", help="fit, evaluate and score a small built-in synthetic dataset")

@@ -257,8 +257,8 @@ class MemoryBankIndex:
 
         # "auto" tunes on the last rows of the bank as held-out queries, added after tuning so
         # that row numbers stay those of the bank.
-        # NOTE: the last rows of a coreset are its last picks, closer to the other entries than
-        # typical ones; the benchmark checks the tuned recall on unseen patches.
+        # NOTE: the last rows of a coreset are its last picks, which lie closer to other entries
+        # than typical rows do. benchmarks/search.py checks the tuned recall on unseen patches.
         held_out = min(CALIBRATION_QUERIES, n // 10) if auto and spec != "Flat" else 0
         try:
             if not index.is_trained:
