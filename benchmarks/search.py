@@ -5,7 +5,8 @@ banks of 152-d vectors, each index is built once and searched at several nprobe 
 values: recall@1 and recall@k against Flat, queries per second, build time and index size,
 and, on real data, the image AUROC and pixel AUROC change against Flat. Flat search speed is
 also given as a fraction of the machine's float32 matrix-product rate, measured in the same run.
-Appends a section to benchmarks/RESULTS.md and writes benchmarks/search_recall_qps.png.
+Appends a section to benchmarks/RESULTS.md and writes its plot to
+benchmarks/search_recall_qps_<UTC date and time>.png.
 
     python benchmarks/search.py                                   # the default banks
     python benchmarks/search.py --real mvtec_ad/bottle:0.1 --synthetic 1000000
@@ -41,7 +42,6 @@ from patchindex.metrics import image_auroc, pixel_auroc  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-PLOT = Path(__file__).resolve().parent / "search_recall_qps.png"
 DEFAULT_REAL = ("mvtec_ad/bottle:0.1", "mvtec_ad/bottle:1.0", "magnetic_tile/magnetic_tile:1.0")
 RECALL_K = 9  # the default support set of the image-score reweighting
 TIMED_QUERIES = 20000
@@ -374,7 +374,7 @@ def report(banks: list[Bank], args, started: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(banks: list[Bank]) -> None:
+def plot(banks: list[Bank], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -399,7 +399,7 @@ def plot(banks: list[Bank]) -> None:
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(PLOT, dpi=110)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
@@ -452,11 +452,12 @@ def main() -> None:
 
     text = report(banks, args, started)
     print(text)
-    plot(banks)
+    plot_path = RESULTS.parent / f"search_recall_qps_{datetime.now(timezone.utc):%Y%m%d_%H%M}.png"
+    plot(banks, plot_path)
     if not args.no_record:
         with open(RESULTS, "a", encoding="utf-8") as handle:
             handle.write(text)
-            handle.write(f"\nPlot: [{PLOT.name}]({PLOT.name})\n")
+            handle.write(f"\nPlot: [{plot_path.name}]({plot_path.name})\n")
 
 
 if __name__ == "__main__":
