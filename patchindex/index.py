@@ -245,7 +245,7 @@ class MemoryBankIndex:
         self._gpu_index = None
 
         auto = self.factory == AUTO
-        spec = choose_auto_spec(n, dim, gpu=self._want_gpu()) if auto else self.factory
+        spec = choose_auto_spec(n) if auto else self.factory
         index = _new_index(spec, dim)
         needed, reason = _training_points_needed(index)
         if n < needed:

@@ -210,10 +210,8 @@ def test_search_params_checked_against_index():
 
 
 def test_auto_picks_by_bank_size():
-    assert choose_auto_spec(_index_auto.AUTO_FLAT_MAX - 1, 152) == "Flat"
-    assert choose_auto_spec(1_000_000, 152) == "HNSW32"
-    gpu_spec = choose_auto_spec(1_000_000, 152, gpu=True)
-    assert gpu_spec == f"IVF{ivf_nlist(1_000_000)},Flat"
+    assert choose_auto_spec(_index_auto.AUTO_FLAT_MAX - 1) == "Flat"
+    assert choose_auto_spec(1_000_000) == "IVF1024,Flat"
     for n in (1000, 60_000, 1_000_000, 10_000_000):
         assert n >= 39 * ivf_nlist(n)
 
@@ -226,8 +224,8 @@ def test_auto_meets_recall_target(monkeypatch):
     index = MemoryBankIndex("auto", recall_target=0.95).build(bank)
     distances, _ = index.search(queries, k=1)
 
-    assert index.spec_ == "HNSW32"
-    assert set(index.search_params) == {"ef_search"}
+    assert index.spec_ == "IVF64,Flat"
+    assert set(index.search_params) == {"nprobe"}
     exact_distances, _ = _brute_force(bank, queries, 1)
     assert np.mean(distances[:, 0] <= exact_distances[:, 0] + 1e-4) >= 0.95
 
