@@ -228,7 +228,7 @@ def configurations(n: int) -> list[tuple[str, str, list[int]]]:
     return configs
 
 
-def run_bank(bank: Bank, model: PatchCore | None, test: TestSet | None, recall_target: float) -> None:
+def run_bank(bank: Bank, model: PatchCore | None, test: TestSet | None, recall_target: float, sweep: bool = True) -> None:
     vectors, queries = bank.vectors, bank.queries
     n, dim = vectors.shape
     logger.info("bank %s: %d x %d, %d timed queries", bank.name, n, dim, len(queries))
@@ -279,7 +279,7 @@ def run_bank(bank: Bank, model: PatchCore | None, test: TestSet | None, recall_t
     auto_row = measure(auto, f"auto -> {auto.spec_}", auto_build_s)
     auto_params = dict(auto.search_params)
 
-    for spec, name, values in configurations(n):
+    for spec, name, values in configurations(n) if sweep else []:
         if auto.spec_ == spec:
             index, build_s = auto, auto_build_s
         else:
@@ -364,9 +364,13 @@ def report(banks: list[Bank], args, started: float) -> str:
         best = best_fast_config(bank)
         auto = next(row for row in bank.rows if row.config.startswith("auto"))
         text = f"- {bank.name}: Flat at {bank.flat_gflops / bank.bound_gflops:.2f} of the bound; "
-        text += "no configuration reaches recall@1 0.99" if best is None else (
-            f"fastest with recall@1 >= 0.99: {best.config} {format_params(best.params)} at {best.speedup:.1f}x Flat"
-        )
+        swept = any(row.config != "Flat" and not row.config.startswith("auto") for row in bank.rows)
+        if not swept:
+            text += "fixed indexes not run (--auto-only)"
+        elif best is None:
+            text += "no fixed index reaches recall@1 0.99"
+        else:
+            text += f"fastest with recall@1 >= 0.99: {best.config} {format_params(best.params)} at {best.speedup:.1f}x Flat"
         if best is not None and best.image_auroc_delta is not None:
             text += f" (image AUROC {best.image_auroc_delta:+.4f}, pixel AUROC {best.pixel_auroc_delta:+.4f})"
         text += f"; auto ({auto.config} {format_params(auto.params)}) recall@1 {auto.recall_1:.4f} for target {args.recall_target}"
@@ -413,6 +417,7 @@ def main() -> None:
     parser.add_argument("--test-stride", type=int, nargs="*", default=["magnetic_tile/magnetic_tile:3"],
                         help="DATASET:N uses every Nth test image of DATASET (default: every 3rd of magnetic_tile)")
     parser.add_argument("--recall-target", type=float, default=0.99, help="recall@1 target of the auto index")
+    parser.add_argument("--auto-only", action="store_true", help="measure Flat and auto only, without the sweep of fixed indexes")
     parser.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -437,7 +442,7 @@ def main() -> None:
             f"Test images: {len(test.labels)}" + (f" (every {stride}th)" if stride > 1 else "")
             + f"; {len(patches)} test patches; fit took {model.fit_seconds_:.0f} s."
         )
-        run_bank(bank, model, test, args.recall_target)
+        run_bank(bank, model, test, args.recall_target, sweep=not args.auto_only)
         banks.append(bank)
         print(json.dumps({"bank": bank.name, "rows": [row.__dict__ for row in bank.rows]}), flush=True)
         del model, patches
@@ -446,7 +451,7 @@ def main() -> None:
     for size in args.synthetic:
         bank = Bank(f"synthetic {size // 1000}k", synthetic_vectors(size, seed=1), synthetic_vectors(min(TIMED_QUERIES, 5000), seed=2))
         bank.notes.append("Mixture of 4096 clusters with low intrinsic dimension (see synthetic_vectors in search.py).")
-        run_bank(bank, None, None, args.recall_target)
+        run_bank(bank, None, None, args.recall_target, sweep=not args.auto_only)
         banks.append(bank)
         print(json.dumps({"bank": bank.name, "rows": [row.__dict__ for row in bank.rows]}), flush=True)
 
