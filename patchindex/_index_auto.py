@@ -71,13 +71,14 @@ def tune_search_params(
     params: dict,
     recall_target: float,
 ) -> dict:
-    """Find the smallest nprobe or efSearch that reaches `recall_target` on held-out queries.
+    """Set nprobe or efSearch to twice the smallest value that reaches `recall_target`.
 
     `search(queries, k)` returns squared distances and labels of the index being tuned, which
     holds the vectors `indexed` (n, d) float32, and `set_params(**params)` changes its search
     parameters. `queries` (m, d) float32 must not be in the index. A hit is a distance no larger
-    than the exact one, so ties and duplicates count. Returns the chosen parameters; when no
-    step reaches the target, the largest is kept and a warning gives the recall it reached.
+    than the exact one, so ties and duplicates count. Recall is measured on `queries`. Returns
+    the chosen parameters. When no step reaches the target, the largest is kept and a warning
+    gives the recall it reached.
     """
     if "nprobe" in params:
         name, steps = "nprobe", _NPROBE_STEPS
@@ -90,19 +91,37 @@ def tune_search_params(
     # Tuning aims at half the miss rate that the target allows, so that sampling noise of a
     # few thousand queries rarely leaves unseen queries below the target.
     aim = 1.0 - (1.0 - recall_target) / 2
-    recall, chosen = 0.0, steps[0]
+    recall, reached = 0.0, None
     for value in steps:
         try:
             set_params(**{name: value})
         except ValueError:
             break
-        chosen = value
+        reached = value
         approximate = _distances_to(queries, indexed, search(queries, 1)[1][:, 0])
         recall = float(np.mean(approximate <= exact * (1 + 1e-6)))
         if recall >= aim:
             break
-    set_params(**{name: chosen})
     if recall < aim:
-        logger.warning("auto index: %s=%d reaches recall@1 %.4f on held-out bank vectors, below %.4f", name, chosen, recall, aim)
-    logger.info("auto index: %s=%d gives recall@1 %.4f on %d held-out bank vectors", name, chosen, recall, len(queries))
+        logger.warning("auto index: %s=%d reaches recall@1 %.4f on held-out bank vectors, below %.4f", name, reached, recall, aim)
+
+    # Test patches, anomalous ones above all, lie farther from the bank than held-out bank
+    # vectors and are harder to search, so the value found is doubled where the index allows.
+    # NOTE: the factor 2 is an estimate. On MVTec AD bottle with the full bank, held-out tuning
+    # chose nprobe 3, which reached recall@1 0.980 on test patches (benchmarks/search.py).
+    chosen = reached
+    for value in steps:
+        if value < 2 * reached:
+            continue
+        try:
+            set_params(**{name: value})
+        except ValueError:
+            break
+        chosen = value
+        break
+    set_params(**{name: chosen})
+    logger.info(
+        "auto index: %s=%d gives recall@1 %.4f on %d held-out bank vectors; %s=%d chosen for unseen queries",
+        name, reached, recall, len(queries), name, chosen,
+    )
     return {name: chosen}
