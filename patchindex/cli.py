@@ -34,6 +34,15 @@ def _add_weights_override(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_search_options(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--nprobe", type=int, default=None, help=f"inverted lists an IVF index visits per query (default: {default})"
+    )
+    parser.add_argument(
+        "--ef-search", type=int, default=None, help=f"candidate list size of an HNSW index search (default: {default})"
+    )
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors, no progress bars")
     parser.add_argument("--device", default=None, help="torch device for the backbone and coreset, e.g. cpu or cuda")
@@ -59,6 +68,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "--crop", type=_size, default=224,
         help="center crop: N or HEIGHTxWIDTH pixels, or 'none' for the whole image (default 224)",
     )
+    fit.add_argument(
+        "--index", default="Flat",
+        help="FAISS index factory string for the memory bank: Flat (exact, default), IVF<nlist>,Flat, "
+        "IVF<nlist>,PQ<m>, HNSW<M>, or auto (chosen from the bank size for --recall-target)",
+    )
+    fit.add_argument("--recall-target", type=float, default=0.99, help="recall@1 that --index auto tunes for (default 0.99)")
+    _add_search_options(fit, "the FAISS default, or the value that --index auto tunes")
     fit.add_argument("--num-neighbors", type=int, default=9, help="support set size of the image-score reweighting; 1 takes the maximum patch score (default 9)")
     fit.add_argument("--embedding-dim", type=int, default=None, help="reduce patch embeddings to this many channels (default: keep all)")
     fit.add_argument(
@@ -85,6 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="MVTec AD category folder with test/ and ground_truth/")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on standard output")
     _add_weights_override(evaluate)
+    _add_search_options(evaluate, "the value saved with the model")
     _add_common(evaluate)
 
     score = commands.add_parser(
@@ -113,6 +130,7 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--workers", type=int, default=2, help="background threads that decode images (default 2)")
     score.add_argument("--allow-errors", action="store_true", help="exit with status 0 even when some images failed")
     _add_weights_override(score)
+    _add_search_options(score, "the value saved with the model")
     _add_common(score)
 
     demo = commands.add_parser("demo", help="fit, evaluate and score a small built-in synthetic dataset")
@@ -145,6 +163,8 @@ def _load_model(args: argparse.Namespace):
     model = PatchCore.load(args.model, weights=args.weights, device=args.device)
     for name, value in _overrides(args).items():
         setattr(model, name, value)
+    if args.nprobe is not None or args.ef_search is not None:
+        model.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
     return model
 
 
@@ -178,6 +198,10 @@ def _fit_and_save(args: argparse.Namespace, out: Path) -> int:
         resize=args.resize,
         crop=args.crop,
         num_neighbors=args.num_neighbors,
+        index=args.index,
+        recall_target=args.recall_target,
+        nprobe=args.nprobe,
+        ef_search=args.ef_search,
         embedding_dim=args.embedding_dim,
         store_dir=args.store_dir,
         strict=args.strict,

@@ -44,7 +44,7 @@ from .data import (
     to_rgb,
 )
 from .features import FeatureExtractor, default_normalization
-from .index import MemoryBankIndex
+from .index import MemoryBankIndex, check_index_spec
 from .metrics import image_auroc, pixel_auroc, pro_score
 from .scoring import anomaly_map, reweighted_image_scores
 from .store import ShardStore, ShardWriter
@@ -215,6 +215,16 @@ class PatchCore:
         algorithm); "approximate" runs it per HDF5 shard, then over the union of the shards'
         selections, holding one shard at a time. "auto" takes "exact" while the projected
         matrix fits in `EXACT_CORESET_MAX_BYTES`.
+    index : str
+        FAISS index factory string for the memory bank: ``"Flat"`` (exact search, the default),
+        ``"IVF<nlist>,Flat"``, ``"IVF<nlist>,PQ<m>"``, ``"HNSW<M>"`` and other L2 factory
+        strings, or ``"auto"``, which chooses from the bank size and tunes to `recall_target`.
+    recall_target : float in (0, 1]
+        Recall@1 of approximate search that ``index="auto"`` tunes nprobe or efSearch for.
+    nprobe, ef_search : int or None
+        Search parameters of IVF (inverted lists visited) and HNSW (candidate list size)
+        indexes; None keeps the FAISS default or the value ``"auto"`` tuned. Change them on a
+        fitted model with `set_search_params`.
     num_neighbors : int
         Support-set size b of the image-score reweighting; 1 gives the maximum patch score.
     blur_sigma : float
@@ -255,6 +265,10 @@ class PatchCore:
         projection_dim: int = 128,
         projection_dtype: str = "float32",
         coreset_method: str = "auto",
+        index: str = "Flat",
+        recall_target: float = 0.99,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
         num_neighbors: int = 9,
         blur_sigma: float = 4.0,
         batch_size: int = 8,
@@ -277,6 +291,10 @@ class PatchCore:
         self.projection_dim = projection_dim
         self.projection_dtype = projection_dtype
         self.coreset_method = coreset_method
+        self.index = index
+        self.recall_target = recall_target
+        self.nprobe = nprobe
+        self.ef_search = ef_search
         self.num_neighbors = num_neighbors
         self.blur_sigma = blur_sigma
         self.batch_size = batch_size
@@ -309,6 +327,11 @@ class PatchCore:
         fraction = self.calibration_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 <= fraction < 1:
             raise ValueError(f"calibration_fraction must lie in [0, 1), got {fraction!r}")
+        for name in ("nprobe", "ef_search"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"{name} must be None or a positive integer, got {value!r}")
+        MemoryBankIndex(self.index, recall_target=self.recall_target)
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -380,6 +403,7 @@ class PatchCore:
         else:
             items, calibration_items = self._split_calibration(expand_training_inputs(source), calibration_source)
         self._build_network()
+        self._check_index_spec()
 
         if items is None:
             store, grid = self._check_store(source), None
@@ -617,7 +641,7 @@ class PatchCore:
 
         self.coreset_indices_ = selected
         self.memory_bank_ = gathered[: len(selected)]
-        self.index_ = MemoryBankIndex("Flat").build(self.memory_bank_)
+        self.index_ = self._build_index(self.memory_bank_)
         distances, _ = self.index_.search(gathered[len(selected) :], k=1)
         self.training_patch_score_p99_ = float(np.percentile(distances[:, 0], 99))
 
@@ -628,6 +652,40 @@ class PatchCore:
             chunks = (chunk for _, chunk in store.iter_chunks(shard=number))
             yield first_row, project_chunks(chunks, rows, projection, device=self.device, dtype=self.projection_dtype)
             first_row += rows
+
+    # -----------------------------------------------------------------------------------------
+    # Index
+
+    def _check_index_spec(self) -> None:
+        """Raise ValueError, before features are extracted, for an index that cannot be built."""
+        check_index_spec(self.index, self.feature_extractor_.embedding_dim, nprobe=self.nprobe, ef_search=self.ef_search)
+
+    def _build_index(self, bank: np.ndarray) -> MemoryBankIndex:
+        index = MemoryBankIndex(self.index, recall_target=self.recall_target)
+        index.build(bank)
+        requested = {"nprobe": self.nprobe, "ef_search": self.ef_search}
+        applicable = {name: value for name, value in requested.items() if value is not None and name in index.search_params}
+        ignored = sorted(name for name, value in requested.items() if value is not None and name not in applicable)
+        if ignored:
+            logger.warning("%s does not apply to the %s index that was built; ignored", " and ".join(ignored), index.spec_)
+        index.set_search_params(**applicable)
+        return index
+
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> "PatchCore":
+        """Change the approximate search of a fitted model without rebuilding its index.
+
+        `nprobe` (inverted lists visited per query) applies to IVF indexes and `ef_search`
+        (HNSW candidate list size) to HNSW ones; None leaves a parameter unchanged. Larger
+        values raise recall and cost search time. Raises ValueError for a parameter that the
+        model's index does not have.
+        """
+        self._check_fitted()
+        self.index_.set_search_params(nprobe=nprobe, ef_search=ef_search)
+        if nprobe is not None:
+            self.nprobe = nprobe
+        if ef_search is not None:
+            self.ef_search = ef_search
+        return self
 
     # -----------------------------------------------------------------------------------------
     # Predict
@@ -673,9 +731,14 @@ class PatchCore:
         """
         clock = time.perf_counter()
         embeddings = self._embed(tensors)
-        clock = _add_seconds(timings, "backbone", clock)
-        scores = np.empty(len(tensors), dtype=np.float32)
-        maps: list[np.ndarray | None] = [None] * len(tensors)
+        _add_seconds(timings, "backbone", clock)
+        return self._score_embeddings(embeddings, geometries, timings)
+
+    def _score_embeddings(self, embeddings: list[torch.Tensor], geometries: list[Geometry], timings: dict | None = None):
+        """Return image scores (n,) float32 and anomaly maps of patch embeddings (d, h, w) each."""
+        clock = time.perf_counter()
+        scores = np.empty(len(embeddings), dtype=np.float32)
+        maps: list[np.ndarray | None] = [None] * len(embeddings)
 
         # Images of one size share a patch grid and are searched together.
         by_grid: dict[tuple, list[int]] = {}
@@ -809,7 +872,7 @@ class PatchCore:
                 "embedding_dim": extractor.embedding_dim,
             },
             "memory_bank": {"file": BANK_FILE, "shape": list(self.memory_bank_.shape), "dtype": "float32"},
-            "index": {"file": INDEX_FILE, "factory": self.index_.factory},
+            "index": {"file": INDEX_FILE, "factory": self.index_.spec_, "search_params": self.index_.search_params},
             "training": {
                 "n_images": self.n_train_images_,
                 "n_patches": self.n_train_patches_,
@@ -894,7 +957,13 @@ class PatchCore:
             )
 
         training = _read_training(config, directory / CONFIG_FILE)
-        model.memory_bank_ = bank.astype(np.float32, copy=False)
+        model.memory_bank_ = np.ascontiguousarray(bank, dtype=np.float32)
+        # The index reads the bank to return exact distances from lossy codes (PQ, SQ).
+        index.bank_ = model.memory_bank_
+        try:
+            index.set_search_params(nprobe=model.nprobe, ef_search=model.ef_search)
+        except ValueError as error:
+            raise ValueError(f"invalid parameter in {directory / CONFIG_FILE}: {error}") from None
         model.index_ = index
         model.n_train_images_ = training.get("n_images")
         model.n_train_patches_ = training.get("n_patches")
@@ -904,7 +973,7 @@ class PatchCore:
         # Models saved before calibration existed have no such section and load uncalibrated.
         section = config.get("calibration")
         model.calibration_ = None if section is None else Calibration.from_config(section, directory / CONFIG_FILE)
-        logger.info("loaded model from %s: memory bank %s", directory, bank.shape)
+        logger.info("loaded model from %s: memory bank %s, %s index", directory, bank.shape, index.spec_)
         return model
 
     def _check_backbone(self, stored: dict, directory: Path) -> None:

@@ -184,3 +184,21 @@ def test_score_weights_override(cli_model, demo_data, tmp_path, capsys):
                    "--out", str(tmp_path / "s"), "--weights", str(tmp_path / "missing.pth"), "-q"])
     assert status == 2
     assert "missing.pth" in capsys.readouterr().err
+
+
+def test_fit_rejects_bad_index_before_work(demo_data, tmp_path, capsys):
+    status = main(["fit", "--data", str(demo_data), "--out", str(tmp_path / "model"), "--index", "IVF8,PQ7", "-q"])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert "invalid index 'IVF8,PQ7' for dimension 152" in error
+    assert "Error in" not in error
+    assert not (tmp_path / "model").exists()
+
+
+def test_search_options_on_loaded_model(cli_model, demo_data, capsys):
+    status = main(["evaluate", "--model", str(cli_model), "--data", str(demo_data), "--nprobe", "4", "-q"])
+    assert status == 2
+    assert "nprobe applies to IVF indexes, but this index is 'Flat'" in capsys.readouterr().err
+    completed = subprocess.run([sys.executable, "-m", "patchindex.cli", "score", "--help"], capture_output=True, text=True)
+    assert "--ef-search" in completed.stdout
+    assert "--nprobe" in completed.stdout

@@ -10,6 +10,7 @@ from conftest import write_bad_images
 from patchindex import PatchCore
 from patchindex._weights import create_classifier
 from patchindex.data import ImageLoadError
+from patchindex.index import MemoryBankIndex
 from patchindex.store import ShardStore
 
 
@@ -356,3 +357,67 @@ def test_predict_rejects_non_image_inputs(fitted_model, demo_data):
         fitted_model.predict({"a": 1})
     path = demo_data / "test" / "good" / "000.png"
     assert fitted_model.predict(bytes(path)).scores.shape == (1,)
+
+
+def test_approximate_index_survives_save_and_load(demo_data, tmp_path):
+    model = PatchCore(index="IVF8,Flat", nprobe=2, coreset_ratio=0.1, progress=False).fit(demo_data)
+    images = sorted((demo_data / "test").glob("*/*.png"))[:4]
+    before = model.predict(images)
+    model.save(tmp_path / "model")
+
+    loaded = PatchCore.load(tmp_path / "model")
+    after = loaded.predict(images)
+
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["params"]["index"] == "IVF8,Flat"
+    assert config["index"]["factory"] == "IVF8,Flat"
+    assert config["index"]["search_params"] == {"nprobe": 2}
+    assert loaded.index_.search_params == {"nprobe": 2}
+    np.testing.assert_array_equal(before.scores, after.scores)
+    for a, b in zip(before.anomaly_maps, after.anomaly_maps):
+        np.testing.assert_array_equal(a, b)
+
+    assert loaded.set_search_params(nprobe=8) is loaded
+    assert loaded.index_.search_params == {"nprobe": 8}
+    assert loaded.nprobe == 8
+    exact = PatchCore.load(tmp_path / "model")
+    exact.index_ = MemoryBankIndex().build(exact.memory_bank_)
+    np.testing.assert_allclose(loaded.predict(images).scores, exact.predict(images).scores, rtol=1e-5)
+
+
+def test_model_folder_without_index_params_loads(fitted_model, demo_data, tmp_path):
+    fitted_model.save(tmp_path / "model")
+    config_path = tmp_path / "model" / "config.json"
+    config = json.loads(config_path.read_text())
+    for name in ("index", "recall_target", "nprobe", "ef_search"):
+        del config["params"][name]
+    config["index"] = {"file": "index.faiss", "factory": "Flat"}
+    config_path.write_text(json.dumps(config))
+    images = sorted((demo_data / "test").glob("*/*.png"))[:2]
+
+    loaded = PatchCore.load(tmp_path / "model")
+
+    assert loaded.index == "Flat"
+    assert loaded.index_.spec_ == "Flat"
+    np.testing.assert_array_equal(loaded.predict(images).scores, fitted_model.predict(images).scores)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"index": "IVF8,PQ7"}, "invalid index 'IVF8,PQ7' for dimension 152"),
+        ({"index": ""}, "invalid index ''"),
+        ({"index": "HNSW16", "nprobe": 4}, "nprobe=4 applies to IVF indexes"),
+        ({"nprobe": 0}, "nprobe must be None or a positive integer"),
+        ({"recall_target": 1.5}, "recall_target must be in"),
+    ],
+)
+def test_invalid_index_params_rejected(demo_data, params, message):
+    with pytest.raises(ValueError, match=message):
+        PatchCore(progress=False, **params).fit(demo_data)
+
+
+def test_search_params_rejected_on_flat_model(fitted_model):
+    with pytest.raises(ValueError, match="nprobe applies to IVF indexes, but this index is 'Flat'"):
+        fitted_model.set_search_params(nprobe=4)
+    assert fitted_model.nprobe is None
