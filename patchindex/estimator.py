@@ -320,6 +320,8 @@ class PatchCore:
         if not isinstance(self.blur_sigma, numbers.Real) or not 0 <= self.blur_sigma < 1000:
             raise ValueError(f"blur_sigma must be at least 0 and below 1000 pixels, got {self.blur_sigma!r}")
         check_coreset_ratio(self.coreset_ratio)
+        if self.store_dtype not in ("float16", "float32"):
+            raise ValueError(f"store_dtype must be 'float16' or 'float32', got {self.store_dtype!r}")
         if self.projection_dtype not in _PROJECTION_BYTES:
             raise ValueError(f"projection_dtype must be one of {sorted(_PROJECTION_BYTES)}, got {self.projection_dtype!r}")
         if self.coreset_method not in ("auto", "exact", "approximate"):
@@ -479,7 +481,9 @@ class PatchCore:
             )
             self.skipped_images_.extend(failed)
         if not scores:
-            raise ValueError(f"none of the {len(items)} calibration images could be read")
+            # The fit itself succeeded: keep it, uncalibrated, instead of discarding the work.
+            logger.warning("none of the %d calibration images could be read; the model is not calibrated", len(items))
+            return None
 
         if calibration_source is not None:
             source = f"{len(scores)} images from {describe_input(calibration_source) or 'the calibration images'}"

@@ -145,9 +145,13 @@ def _model_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def _list_entries(inputs) -> list[_Entry]:
-    """Expand the inputs into entries with absolute paths, dropping repeated paths."""
+def _list_entries(inputs, out: Path | None = None) -> list[_Entry]:
+    """Expand the inputs into entries with absolute paths, dropping repeated paths.
+
+    Files inside the output folder `out` (overlays of an earlier run) are left out.
+    """
     entries, seen = [], set()
+    own = None if out is None else os.path.abspath(out) + os.sep
     for item in expand_score_inputs(inputs):
         if isinstance(item, UnreadableSource):
             path = item.text
@@ -158,7 +162,7 @@ def _list_entries(inputs) -> list[_Entry]:
                 f"a scoring job takes image paths, folders, globs or list files, got a {type(item).__name__}; "
                 "use PatchCore.predict for in-memory images"
             )
-        if path in seen:
+        if path in seen or (own is not None and path.startswith(own)):
             continue
         seen.add(path)
         try:
@@ -474,7 +478,7 @@ def _score_into(
 
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    entries = _list_entries(inputs)
+    entries = _list_entries(inputs, out)
     n_pending = sum(not _is_done(entry, latest.get(entry.path)) for entry in entries)
     n_skipped = len(entries) - n_pending
     if n_skipped:

@@ -46,6 +46,22 @@ def _write_json(path: Path, content: dict) -> None:
     os.replace(temporary, path)
 
 
+def _check_shard(path: Path, rows: int, dim: int) -> None:
+    """Raise ValueError naming `path` unless it is a readable shard of at least `rows` rows."""
+    try:
+        with h5py.File(path, "r") as handle:
+            shape = handle["embeddings"].shape
+    except (OSError, KeyError) as error:
+        raise ValueError(
+            f"embedding store shard {path} is missing or damaged ({error}); delete the store folder and fit again"
+        ) from None
+    if shape[0] < rows or shape[1] != dim:
+        raise ValueError(
+            f"embedding store shard {path} has {shape[0]} x {shape[1]} embeddings, expected {rows} x {dim}; "
+            "delete the store folder and fit again"
+        )
+
+
 def _differences(stored: dict | None, expected: dict | None) -> list[str]:
     stored, expected = stored or {}, expected or {}
     return sorted(key for key in set(stored) | set(expected) if stored.get(key) != expected.get(key))
@@ -114,6 +130,7 @@ class ShardWriter:
             progress = json.loads(path.read_text(encoding="utf-8"))
             settings = {key: progress[key] for key in ("format_version", "dim", "dtype", "rows_per_shard")}
             shards, images = progress["shards"], progress["images"]
+            skipped, inputs_done = [tuple(item) for item in progress["skipped"]], int(progress["inputs_done"])
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"cannot resume from {path} ({error}); delete the folder or use an empty one") from None
         mine = {"format_version": STORE_FORMAT_VERSION, "dim": self.dim, "dtype": self.dtype, "rows_per_shard": self.rows_per_shard}
@@ -129,11 +146,13 @@ class ShardWriter:
         for leftover in self.directory.glob("shard-*.h5"):
             if leftover.name not in finished:
                 leftover.unlink()
+        for shard in shards:
+            _check_shard(self.directory / shard["file"], int(shard["rows"]), self.dim)
         self.shard_rows = [int(shard["rows"]) for shard in shards]
         self.n_rows = sum(self.shard_rows)
         self.images = list(images)
-        self.skipped = [tuple(item) for item in progress["skipped"]]
-        self.inputs_done = int(progress["inputs_done"])
+        self.skipped = skipped
+        self.inputs_done = inputs_done
         logger.info(
             "resuming embedding store %s: %d finished shards, %d patches of %d images, %d inputs done",
             self.directory, len(self.shard_rows), self.n_rows, len(self.images), self.inputs_done,
@@ -163,6 +182,11 @@ class ShardWriter:
             raise ValueError(f"expected embeddings of shape (n, {self.dim}), got {embeddings.shape}")
         if np.shape(patch_position) != (n, 2):
             raise ValueError(f"patch_position must be ({n}, 2), got {np.shape(patch_position)}")
+        if not np.isfinite(embeddings).all() or (self.dtype == "float16" and np.abs(embeddings).max(initial=0) > 65504):
+            raise ValueError(
+                f"embeddings of image {name} have NaN or infinite values, or values beyond float16's "
+                "range of 65504; check the backbone output, or use dtype float32 for large values"
+            )
 
         if self._file is None:
             self._file = self._open_shard()
@@ -235,19 +259,26 @@ class ShardStore:
         manifest_path = self.directory / MANIFEST
         if not manifest_path.is_file():
             raise FileNotFoundError(f"no embedding store at {self.directory}: {MANIFEST} is missing")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("format_version") != STORE_FORMAT_VERSION:
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            version = manifest.get("format_version")
+            self.dim = int(manifest["dim"])
+            self.dtype = manifest["dtype"]
+            self.n_rows = int(manifest["n_rows"])
+            self.shards = [(self.directory / shard["file"], int(shard["rows"])) for shard in manifest["shards"]]
+            self.images = list(manifest["images"])
+            self.fingerprint = manifest.get("fingerprint")
+            self.skipped = [tuple(item) for item in manifest.get("skipped", [])]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{manifest_path} is damaged ({type(error).__name__}: {error}); delete the store folder and fit again") from None
+        if version != STORE_FORMAT_VERSION:
             raise ValueError(
-                f"{manifest_path} has store format version {manifest.get('format_version')}, "
-                f"this patchindex reads version {STORE_FORMAT_VERSION}"
+                f"{manifest_path} has store format version {version}, this patchindex reads version {STORE_FORMAT_VERSION}"
             )
-        self.dim = int(manifest["dim"])
-        self.dtype = manifest["dtype"]
-        self.n_rows = int(manifest["n_rows"])
-        self.shards = [(self.directory / shard["file"], int(shard["rows"])) for shard in manifest["shards"]]
-        self.images = list(manifest["images"])
-        self.fingerprint = manifest.get("fingerprint")
-        self.skipped = [tuple(item) for item in manifest.get("skipped", [])]
+        if sum(rows for _, rows in self.shards) != self.n_rows:
+            raise ValueError(f"{manifest_path} is damaged: its shards hold {sum(rows for _, rows in self.shards)} rows, not {self.n_rows}")
+        for path, rows in self.shards:
+            _check_shard(path, rows, self.dim)
 
     def differences(self, fingerprint: dict | None) -> list[str]:
         """Keys of `fingerprint` whose values differ from the store's, sorted."""

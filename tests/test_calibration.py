@@ -54,3 +54,14 @@ def test_calibration_fraction_rejected(demo_data):
     for fraction in (-0.1, 1.0, "0.1"):
         with pytest.raises(ValueError, match="calibration_fraction"):
             PatchCore(progress=False, calibration_fraction=fraction).fit(demo_data)
+
+
+def test_unreadable_calibration_keeps_fitted_model(demo_data, tmp_path, caplog):
+    from conftest import write_bad_images
+
+    write_bad_images(tmp_path / "bad")
+    model = PatchCore(progress=False, coreset_ratio=0.05).fit(demo_data, calibration_source=tmp_path / "bad")
+
+    assert model.calibration_ is None
+    assert len(model.memory_bank_) == round(12 * 784 * 0.05)
+    assert "not calibrated" in caplog.text

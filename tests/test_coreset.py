@@ -208,3 +208,14 @@ def test_greedy_same_on_cuda():
     on_cpu = k_center_greedy(points, 100, start_index=3)
     on_cuda = k_center_greedy(points.cuda(), 100, start_index=3)
     np.testing.assert_array_equal(on_cpu, on_cuda)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e20])
+def test_greedy_rejects_non_finite_or_huge_values(value):
+    points = _greedy_inputs("random")
+    points[123, 4] = value
+    for method in ("plain", "pruned"):
+        with pytest.raises(ValueError, match="row 123"):
+            k_center_greedy(points, 10, 0, method=method)
+    with pytest.raises(ValueError, match="torch tensor"):
+        k_center_greedy(points.numpy(), 10, 0)

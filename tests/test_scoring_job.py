@@ -249,3 +249,16 @@ def test_killed_job_resumes_to_same_table(calibrated_dir, image_folder, tmp_path
     overlays = sorted(path.name for path in (resumed / "overlays").iterdir())
     assert overlays == sorted(path.name for path in (tmp_path / "whole" / "overlays").iterdir())
     assert not (resumed / ".anomaly_maps.parts").exists()
+
+
+def test_output_inside_input_folder_is_not_scored(calibrated_model, demo_data, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(demo_data / "test" / "good", folder)
+    out = folder / "results"
+
+    first = run_scoring_job(calibrated_model, folder, out, overlays="all", progress=False)
+    second = run_scoring_job(calibrated_model, folder, out, overlays="all", progress=False)
+
+    assert first.n_scored == 4
+    assert second.n_scored == 0
+    assert len(read_rows(out / "scores.csv")) == 4

@@ -138,3 +138,31 @@ def test_writer_rejects_bad_input(tmp_path):
 def test_store_needs_manifest(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         ShardStore(tmp_path)
+
+
+def test_writer_rejects_values_float16_cannot_store(tmp_path):
+    writer = ShardWriter(tmp_path / "a", dim=2, dtype="float16")
+    position = np.zeros((1, 2), np.int16)
+    with pytest.raises(ValueError, match="image big.png"):
+        writer.add_image("big.png", np.array([[1e5, 0.0]], np.float32), position)
+    with pytest.raises(ValueError, match="image nan.png"):
+        writer.add_image("nan.png", np.array([[np.nan, 0.0]], np.float32), position)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "manifest"])
+def test_damaged_store_names_the_file(tmp_path, damage):
+    rng = np.random.default_rng(5)
+    writer = ShardWriter(tmp_path, dim=8, dtype="float32", rows_per_shard=100)
+    for number in range(3):
+        writer.add_image(str(number), *_image(rng, 100))
+    writer.close()
+    if damage == "delete":
+        (tmp_path / "shard-00001.h5").unlink()
+    elif damage == "truncate":
+        with open(tmp_path / "shard-00001.h5", "r+b") as handle:
+            handle.truncate(2000)
+    else:
+        (tmp_path / "manifest.json").write_text("{broken")
+    expected = "manifest.json is damaged" if damage == "manifest" else "shard-00001.h5 is missing or damaged"
+    with pytest.raises(ValueError, match=expected):
+        ShardStore(tmp_path)

@@ -41,6 +41,8 @@ _SLACK = 1e-4
 _UNIT = 2.0**-24
 # Rows per chunk in dense passes, bounding temporary memory to a few tens of MB.
 _CHUNK_ROWS = 16384
+# Largest magnitude accepted: squared distances of wider values can overflow float32.
+_MAX_MAGNITUDE = 1e15
 
 
 @dataclass
@@ -81,8 +83,19 @@ def _single_thread():
 
 
 def _check_sizes(features: torch.Tensor, n_centers: int, start_index: int) -> None:
+    if not isinstance(features, torch.Tensor):
+        raise ValueError(f"features must be a torch tensor, got {type(features).__name__}; use torch.from_numpy")
     if features.ndim != 2 or features.shape[0] < 1:
         raise ValueError(f"features must be a non-empty (n, k) matrix, got shape {tuple(features.shape)}")
+    for first in range(0, features.shape[0], _CHUNK_ROWS):
+        part = features[first : first + _CHUNK_ROWS].float()
+        bad = ~(torch.isfinite(part).all(dim=1) & (part.abs() <= _MAX_MAGNITUDE).all(dim=1))
+        if bool(bad.any()):
+            row = first + int(torch.nonzero(bad)[0])
+            raise ValueError(
+                f"features row {row} has a NaN, infinite or larger than {_MAX_MAGNITUDE:g} value; "
+                "check the embeddings (a float16 store or projection overflows above 65504)"
+            )
     n = features.shape[0]
     if not 1 <= n_centers <= n:
         raise ValueError(f"n_centers must be between 1 and {n}, got {n_centers}")
