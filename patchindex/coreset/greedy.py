@@ -14,8 +14,8 @@ algorithm gives the same selection with far fewer distance evaluations:
    exactly.
 
 All bounds carry slack for float32 rounding, and the exact distances come from the same
-row-by-row function as the plain algorithm, so both return identical indices, ties included:
-of several rows at the same largest distance, the lowest row number is taken.
+row-by-row function as the plain algorithm. Both therefore return identical indices, ties
+included: of several rows at the same largest distance, the lowest row number is taken.
 """
 
 from __future__ import annotations
