@@ -79,8 +79,6 @@ def project(embeddings: np.ndarray) -> np.ndarray:
 
 def _child_greedy(arguments: argparse.Namespace) -> dict:
     """Run one method on a projected matrix; write the indices; return the figures."""
-    import resource
-
     from patchindex.coreset import approximate_k_center_greedy, k_center_greedy
 
     features = torch.from_numpy(np.load(arguments.features))
@@ -102,8 +100,7 @@ def _child_greedy(arguments: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - started
 
     np.save(arguments.output, selected)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "evaluations": int(evaluations), "radius": radius, "peak_rss_mib": peak}
+    return {"seconds": seconds, "evaluations": int(evaluations), "radius": radius, "peak_rss_mib": peak_rss_mib()}
 
 
 def _inner_product_greedy(features: torch.Tensor, n_centers: int, start: int) -> np.ndarray:
@@ -122,8 +119,6 @@ def _inner_product_greedy(features: torch.Tensor, n_centers: int, start: int) ->
 
 def _child_fit(arguments: argparse.Namespace) -> dict:
     """Fit a store to a saved model through the public API; return the figures."""
-    import resource
-
     from patchindex import PatchCore
     from patchindex.store import ShardStore
 
@@ -131,12 +126,29 @@ def _child_fit(arguments: argparse.Namespace) -> dict:
     model = PatchCore(coreset_ratio=arguments.ratio, progress=False).fit(ShardStore(arguments.store))
     model.save(arguments.output)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     info = model.coreset_info_
     return {
-        "seconds": seconds, "peak_rss_mib": peak, "bank": len(model.memory_bank_), "method": info.method,
+        "seconds": seconds, "peak_rss_mib": peak_rss_mib(), "bank": len(model.memory_bank_), "method": info.method,
         "radius_bound": info.covering_radius, "evaluations": info.distance_evaluations,
     }
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB.
+
+    Linux's VmHWM belongs to the process's own address space. ru_maxrss, in contrast, keeps
+    the parent's peak across fork and exec, so a child started from a large parent would
+    report the parent's memory.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_child(*arguments: str) -> dict:
