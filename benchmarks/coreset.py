@@ -8,7 +8,7 @@ On the same projected embeddings (128 dimensions, seed 0), in one run:
 
 Each method runs in a fresh child process, so that its peak RSS is its own. The plain greedy is
 the textbook loop that evaluates every row for every center with the sum of squared
-differences, as anomalib's does; patchcore-inspection's inner-product form is timed on bottle
+differences, as anomalib's does. patchcore-inspection's inner-product form is timed on bottle
 as a second reference. On 1M rows the plain greedy runs only its first iterations (each costs
 the same) and its total time is extrapolated; its indices are compared over those iterations.
 
@@ -104,7 +104,7 @@ def _child_greedy(arguments: argparse.Namespace) -> dict:
 
 
 def _inner_product_greedy(features: torch.Tensor, n_centers: int, start: int) -> np.ndarray:
-    """The plain greedy with |x|^2 - 2 x.c + |c|^2 distances, as patchcore-inspection computes them."""
+    """Run the plain greedy with |x|^2 - 2 x.c + |c|^2 distances, as patchcore-inspection computes them."""
     norms = features.square().sum(dim=1)
     nearest = torch.full((len(features),), float("inf"))
     selected = [start]

@@ -23,7 +23,7 @@ _GPU_TYPES = ("IndexFlat", "IndexIVFFlat", "IndexIVFPQ", "IndexIVFScalarQuantize
 
 
 def available() -> bool:
-    """Return whether this FAISS build has GPU support and sees at least one GPU."""
+    """Return whether this FAISS build has GPU support and finds at least one GPU."""
     if not hasattr(faiss, "StandardGpuResources") or not hasattr(faiss, "get_num_gpus"):
         return False
     return faiss.get_num_gpus() > 0

@@ -1,6 +1,6 @@
 """The ``"auto"`` index: choose a factory string from the bank size, then tune it to a recall.
 
-Recall is measured with held-out bank vectors as queries: the index is tuned while it holds
+Recall is measured with held-out bank vectors as queries: the index is tuned while it contains
 the rest of the bank, and the held-out vectors are added afterwards.
 """
 
@@ -74,7 +74,7 @@ def tune_search_params(
     """Set nprobe or efSearch to twice the smallest value that reaches `recall_target`.
 
     `search(queries, k)` returns squared distances and labels of the index being tuned, which
-    holds the vectors `indexed` (n, d) float32, and `set_params(**params)` changes its search
+    contains the vectors `indexed` (n, d) float32, and `set_params(**params)` changes its search
     parameters. `queries` (m, d) float32 must not be in the index. A hit is a distance no larger
     than the exact one, so ties and duplicates count. Recall is measured on `queries`. Returns
     the chosen parameters. When no step reaches the target, the largest is kept and a warning

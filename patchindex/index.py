@@ -185,7 +185,7 @@ class MemoryBankIndex:
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
         if use_gpu and not _faiss_gpu.available():
-            raise ValueError("use_gpu=True, but this FAISS has no GPU support or sees no GPU; pass use_gpu=None")
+            raise ValueError("use_gpu=True, but this FAISS has no GPU support or finds no GPU; pass use_gpu=None")
         self.factory = factory
         self.recall_target = recall_target
         self.use_gpu = use_gpu
@@ -417,7 +417,7 @@ class MemoryBankIndex:
             raise ValueError(f"cannot read FAISS index {path}: {_faiss_message(error)}") from None
         if bank is not None and (bank.shape[0] != index.ntotal or bank.shape[1] != index.d):
             raise ValueError(
-                f"FAISS index {path} holds {index.ntotal} vectors of dimension {index.d}, "
+                f"FAISS index {path} contains {index.ntotal} vectors of dimension {index.d}, "
                 f"but the memory bank has shape {bank.shape}"
             )
         instance.index_ = index

@@ -185,7 +185,8 @@ def test_approximate_greedy_bounds_its_radius():
     selected, info = approximate_k_center_greedy(iter(parts), len(points), 90, random_state=0, return_info=True)
     _, exact = k_center_greedy(points, 90, 0, return_info=True)
 
-    assert len(set(selected.tolist())) == 90 and selected.max() < len(points)
+    assert len(set(selected.tolist())) == 90
+    assert selected.max() < len(points)
     radius = torch.cdist(points, points[selected]).min(dim=1).values.max().item()
     assert radius <= info.covering_radius * (1 + 1e-5)
     assert radius <= 2 * exact.covering_radius

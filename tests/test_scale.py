@@ -71,7 +71,8 @@ def test_fit_resumes_after_kill(long_list, tmp_path, caplog):
 
     assert "resuming embedding store" in caplog.text
     store, reference = ShardStore(store_dir), ShardStore(tmp_path / "complete")
-    assert store.images == reference.images and len(store.images) == 36
+    assert store.images == reference.images
+    assert len(store.images) == 36
     assert len(store) == len(reference) == 36 * 784
     chunks = list(store.iter_chunks(chunk_rows=1 << 16, fields=("embeddings", "image_index")))
     expected = list(reference.iter_chunks(chunk_rows=1 << 16, fields=("embeddings", "image_index")))

@@ -32,7 +32,8 @@ def test_shards_hold_whole_images_and_round_trip(tmp_path):
     np.testing.assert_array_equal(np.concatenate([c[2] for c in chunks]), np.repeat(np.arange(10), 300))
     np.testing.assert_array_equal(np.concatenate([c[3] for c in chunks]), np.concatenate([p for _, p in images]))
     second = list(store.iter_chunks(chunk_rows=5000, shard=1))
-    assert len(second) == 1 and second[0][0] == 1200
+    assert len(second) == 1
+    assert second[0][0] == 1200
     np.testing.assert_array_equal(second[0][1], np.concatenate([e for e, _ in images[4:8]]))
 
 
@@ -97,19 +98,22 @@ def test_interrupted_writer_resumes_from_finished_shards(tmp_path):
     with pytest.raises(ValueError, match="differs in: inputs"):
         ShardWriter(tmp_path, dim=8, dtype="float32", rows_per_shard=250, fingerprint={"inputs": "xyz", "crop": [224, 224]})
     resumed = ShardWriter(tmp_path, dim=8, dtype="float32", rows_per_shard=250, fingerprint=fingerprint)
-    assert resumed.inputs_done == 7 and resumed.images == ["0.png", "1.png", "2.png", "3.png", "4.png", "5.png"]
+    assert resumed.inputs_done == 7
+    assert resumed.images == ["0.png", "1.png", "2.png", "3.png", "4.png", "5.png"]
     assert resumed.skipped == [(5, "broken.png", "corrupt")]
     for number in range(6, 10):
         resumed.add_image(f"{number}.png", *images[number], inputs_done=number + 2)
     store = resumed.close()
 
-    assert len(store) == 1000 and store.images == [f"{number}.png" for number in range(10)]
+    assert len(store) == 1000
+    assert store.images == [f"{number}.png" for number in range(10)]
     chunks = list(store.iter_chunks(chunk_rows=5000, fields=("embeddings", "image_index")))
     embeddings = np.concatenate([chunk[1] for chunk in chunks])
     image_index = np.concatenate([chunk[2] for chunk in chunks])
     np.testing.assert_array_equal(embeddings, np.concatenate([e for e, _ in images]))
     np.testing.assert_array_equal(image_index, np.repeat(np.arange(10), 100))
-    assert store.fingerprint == fingerprint and store.skipped == [(5, "broken.png", "corrupt")]
+    assert store.fingerprint == fingerprint
+    assert store.skipped == [(5, "broken.png", "corrupt")]
     assert not (tmp_path / "progress.json").exists()
     assert json.loads((tmp_path / "manifest.json").read_text())["n_rows"] == 1000
 
