@@ -10,8 +10,9 @@ import logging
 import math
 from typing import Callable
 
-import faiss
 import numpy as np
+
+from ._exact_search import exact_knn
 
 __all__ = ["AUTO_FLAT_MAX", "CALIBRATION_QUERIES", "choose_auto_spec", "ivf_nlist", "tune_search_params"]
 
@@ -86,7 +87,7 @@ def tune_search_params(
         name, steps = "ef_search", _EF_SEARCH_STEPS
     else:
         return {}
-    exact = _distances_to(queries, indexed, faiss.knn(queries, indexed, 1)[1][:, 0])
+    exact = _distances_to(queries, indexed, exact_knn(queries, indexed, 1)[1][:, 0])
 
     # Tuning aims at half the miss rate that the target allows, so that sampling noise of a
     # few thousand queries rarely leaves unseen queries below the target.

@@ -4,12 +4,13 @@ An index is chosen with a FAISS index factory string and always uses the L2 metr
 (exact), ``"IVF1024,Flat"``, ``"IVF1024,PQ8"`` or ``"HNSW32"`` (approximate), or ``"auto"``,
 which picks one from the bank size and tunes it to a recall target (see `_index_auto`).
 FAISS L2 indexes return squared distances; `MemoryBankIndex.search` returns Euclidean ones,
-which is what PatchCore's patch scores and reweighting use.
+which is what PatchCore's patch scores and reweighting use. Flat search on the CPU runs as
+blocked torch matrix products (`_exact_search`), which are faster than the BLAS that faiss-cpu
+bundles; the Flat index still holds the vectors and is what is saved.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -17,8 +18,10 @@ import time
 
 import faiss
 import numpy as np
+import torch
 
 from . import _faiss_gpu
+from ._exact_search import exact_knn
 from ._index_auto import CALIBRATION_QUERIES, choose_auto_spec, tune_search_params
 
 __all__ = ["AUTO", "MIN_POINTS_PER_LIST", "MemoryBankIndex", "check_index_spec"]
@@ -35,11 +38,6 @@ _SPEC_EXAMPLES = "'Flat', 'IVF1024,Flat', 'IVF1024,PQ8' (PQ m must divide the di
 # Lossy codes (PQ, SQ) are searched for this many times k candidates, which are reranked by
 # their exact distances from the bank.
 RERANK_FACTOR = 4
-
-# Bank rows per block of FAISS's exact search by matrix product. FAISS 1.15 uses 1024; 16384
-# came near the matrix-product bound in the search benchmark, at 4096 queries x 16384 rows x
-# 4 bytes = 256 MiB of temporary distances.
-FLAT_DATABASE_BLOCK = 16384
 
 # Index types whose search returns exact L2 distances to the stored vectors.
 _EXACT_TYPES = (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat, faiss.IndexRefineFlat)
@@ -135,18 +133,12 @@ def _returns_exact_distances(index: faiss.Index) -> bool:
     return isinstance(index, _EXACT_TYPES)
 
 
-@contextlib.contextmanager
-def _flat_database_block(rows: int):
-    """Set the bank block size of FAISS's exact search for the duration of a search.
-
-    NOTE: the setting is global to FAISS, so a search in another thread meanwhile uses it too.
-    """
-    previous = faiss.cvar.distance_compute_blas_database_bs
-    faiss.cvar.distance_compute_blas_database_bs = rows
-    try:
-        yield
-    finally:
-        faiss.cvar.distance_compute_blas_database_bs = previous
+def _flat_vectors(index: faiss.Index) -> np.ndarray | None:
+    """Return the (n, d) float32 vectors of an exact L2 Flat index, without copying, else None."""
+    index = faiss.downcast_index(index)
+    if not isinstance(index, faiss.IndexFlat) or index.metric_type != faiss.METRIC_L2 or index.ntotal == 0:
+        return None
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
 
 
 class MemoryBankIndex:
@@ -297,6 +289,8 @@ class MemoryBankIndex:
     def _describe_backend(self) -> str:
         if self._gpu_index is not None:
             return "searching on GPU 0"
+        if _flat_vectors(self.index_) is not None:
+            return f"searching on CPU by torch matrix products with {torch.get_num_threads()} threads"
         return f"searching on CPU with {faiss.omp_get_max_threads()} FAISS threads"
 
     # -----------------------------------------------------------------------------------------
@@ -330,8 +324,12 @@ class MemoryBankIndex:
     def _search_squared(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Search one chunk (m, d) float32; return squared L2 distances and labels, (m, k) each."""
         # GPU FAISS k-selection handles k up to 2048; larger k is searched on the CPU.
-        index = self._gpu_index if self._gpu_index is not None and k <= 2048 else self.index_
-        return index.search(queries, k)
+        if self._gpu_index is not None and k <= 2048:
+            return self._gpu_index.search(queries, k)
+        vectors = _flat_vectors(self.index_)
+        if vectors is not None:
+            return exact_knn(queries, vectors, k)
+        return self.index_.search(queries, k)
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Find the `k` nearest bank entries of each query (m, d) float32.
@@ -344,6 +342,10 @@ class MemoryBankIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.index_.d:
             raise ValueError(f"queries must have shape (m, {self.index_.d}), got {queries.shape}")
+        finite = np.isfinite(queries).all(axis=1)
+        if not finite.all():
+            rows = np.flatnonzero(~finite)
+            raise ValueError(f"{rows.size} queries contain NaN or infinite values, the first at row {rows[0]}")
         if not 1 <= k <= self.index_.ntotal:
             raise ValueError(f"k must be between 1 and the bank size {self.index_.ntotal}, got {k}")
 
@@ -355,8 +357,7 @@ class MemoryBankIndex:
         candidates = k if exact else min(k * RERANK_FACTOR, self.index_.ntotal)
         for start in range(0, m, self.chunk_rows):
             stop = min(start + self.chunk_rows, m)
-            with _flat_database_block(FLAT_DATABASE_BLOCK):
-                squared, found = self._search_squared(queries[start:stop], candidates)
+            squared, found = self._search_squared(queries[start:stop], candidates)
             if self.bank_ is not None:
                 squared, found = self._repair(queries[start:stop], squared, found, exact)
             squared, labels[start:stop] = squared[:, :k], found[:, :k]
@@ -379,7 +380,7 @@ class MemoryBankIndex:
             logger.debug("%d queries had fewer than %d results; searching them exactly", missing.sum(), labels.shape[1])
             squared = squared.copy()
             labels = labels.copy()
-            squared[missing], labels[missing] = faiss.knn(queries[missing], self.bank_, labels.shape[1])
+            squared[missing], labels[missing] = exact_knn(queries[missing], self.bank_, labels.shape[1])
         if not exact:
             differences = queries[:, None, :] - self.bank_[labels]
             squared = np.einsum("mkd,mkd->mk", differences, differences)

@@ -3,6 +3,7 @@ import logging
 import faiss
 import numpy as np
 import pytest
+import torch
 
 from patchindex import _faiss_gpu, _index_auto
 from patchindex._index_auto import choose_auto_spec, ivf_nlist
@@ -231,10 +232,13 @@ def test_auto_meets_recall_target(monkeypatch):
 
 
 def test_backend_and_threads_logged(caplog):
+    bank = np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32)
     with caplog.at_level(logging.INFO, logger="patchindex.index"):
-        index = MemoryBankIndex().build(np.zeros((10, 4), np.float32))
+        MemoryBankIndex().build(bank)
+        ivf = MemoryBankIndex("IVF8,Flat").build(bank)
     if not _faiss_gpu.available():
-        assert index.backend == "CPU"
+        assert ivf.backend == "CPU"
+        assert f"searching on CPU by torch matrix products with {torch.get_num_threads()} threads" in caplog.text
         assert f"searching on CPU with {faiss.omp_get_max_threads()} FAISS threads" in caplog.text
 
 
