@@ -6,7 +6,7 @@ which picks one from the bank size and tunes it to a recall target (see `_index_
 FAISS L2 indexes return squared distances; `MemoryBankIndex.search` returns Euclidean ones,
 which is what PatchCore's patch scores and reweighting use. Flat search on the CPU runs as
 blocked torch matrix products (`_exact_search`), which are faster than the BLAS that faiss-cpu
-bundles; the Flat index still holds the vectors and is what is saved.
+bundles. The Flat index still stores the vectors and is what is saved.
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ class MemoryBankIndex:
         finite = np.isfinite(queries).all(axis=1)
         if not finite.all():
             rows = np.flatnonzero(~finite)
-            raise ValueError(f"{rows.size} queries contain NaN or infinite values, the first at row {rows[0]}")
+            raise ValueError(f"{rows.size} of {len(queries)} queries contain NaN or infinite values, the first is row {rows[0]}")
         if not 1 <= k <= self.index_.ntotal:
             raise ValueError(f"k must be between 1 and the bank size {self.index_.ntotal}, got {k}")
 

@@ -12,7 +12,7 @@ def _brute_force(bank, queries, k):
     return np.take_along_axis(squared, order, axis=1), order
 
 
-@pytest.fixture(params=[(1024, 4096), (7, 5)], ids=["default-blocks", "tiny-blocks"])
+@pytest.fixture(params=[(2048, 1024), (7, 5)], ids=["default-blocks", "tiny-blocks"])
 def blocks(request, monkeypatch):
     """Run with the default blocks and with blocks so small that every case spans many."""
     monkeypatch.setattr(_exact_search, "QUERY_BLOCK", request.param[0])
@@ -84,5 +84,5 @@ def test_non_finite_queries_rejected():
     index = MemoryBankIndex("Flat").build(np.ones((4, 2), np.float32))
     queries = np.zeros((3, 2), np.float32)
     queries[2, 1] = np.nan
-    with pytest.raises(ValueError, match="1 queries contain NaN or infinite values, the first at row 2"):
+    with pytest.raises(ValueError, match="1 of 3 queries contain NaN or infinite values, the first is row 2"):
         index.search(queries)
