@@ -7,9 +7,9 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
-__all__ = ["Journal", "atomic_path"]
+__all__ = ["Journal", "atomic_path", "lock_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def lock_file(path: str | os.PathLike) -> IO | None:
+    """Open `path` for writing and take an exclusive lock on it, without waiting.
+
+    Returns the open file, which holds the lock until it is closed or its process ends, or
+    None when another process holds the lock.
+    """
+    handle = open(path, "w")
+    try:
+        import fcntl
+    except ImportError:
+        # NOTE: without fcntl (Windows) no lock is taken, so two writers of one folder are not detected.
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
 
 
 class Journal:

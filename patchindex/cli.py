@@ -87,8 +87,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     fit.add_argument(
-        "--calibration-fraction", type=float, default=0.1,
-        help="fraction of the normal images held back from the memory bank to calibrate decision thresholds (default 0.1; 0 for none)",
+        "--calibration-fraction", type=float, default=None,
+        help="fraction of the normal images held back from the memory bank to calibrate decision thresholds "
+        "(default 0.1 without --calibration-data; 0 for none)",
     )
     fit.add_argument(
         "--calibration-data", default=None,
@@ -185,12 +186,24 @@ def _run_fit(args: argparse.Namespace) -> int:
         raise
 
 
+def _calibration_fraction(args: argparse.Namespace) -> float:
+    """Return the fit's calibration_fraction: 0.1 by default, 0 with --calibration-data."""
+    if args.calibration_data is None:
+        return 0.1 if args.calibration_fraction is None else args.calibration_fraction
+    if args.calibration_fraction:
+        raise ValueError(
+            f"--calibration-fraction {args.calibration_fraction} and --calibration-data are both given; "
+            "use one of them (with --calibration-data no training image is held back)"
+        )
+    return 0.0
+
+
 def _fit_and_save(args: argparse.Namespace, out: Path) -> int:
     from .estimator import PatchCore
 
     model = PatchCore(
         args.backbone,
-        calibration_fraction=0.0 if args.calibration_data else args.calibration_fraction,
+        calibration_fraction=_calibration_fraction(args),
         weights=args.weights,
         coreset_ratio=args.coreset_ratio,
         coreset_method=args.coreset_method,

@@ -245,7 +245,8 @@ class PatchCore:
         Stop fit at the first unreadable training image instead of skipping it with a warning.
     calibration_fraction : float in [0, 1)
         Fraction of the training images held back from the memory bank and scored to
-        calibrate decision thresholds (`calibration_`); 0 holds back none.
+        calibrate decision thresholds (`calibration_`); 0 holds back none. Must be 0 when
+        `fit` gets a `calibration_source`.
     random_state : int or None
         Seed of the random projection and of the coreset's first center.
     progress : bool
@@ -399,9 +400,20 @@ class PatchCore:
         """
         self._validate_params()
         started = time.perf_counter()
+        if calibration_source is not None and self.calibration_fraction > 0:
+            raise ValueError(
+                f"calibration_fraction is {self.calibration_fraction}, but calibration_source is given too. "
+                "Set calibration_fraction=0 to calibrate on calibration_source only, or leave calibration_source out"
+            )
         if isinstance(source, ShardStore):
             items = None
             calibration_items = [] if calibration_source is None else expand_training_inputs(calibration_source)
+            if self.calibration_fraction > 0:
+                logger.warning(
+                    "calibration_fraction %g is ignored when fitting a ShardStore, which contains no images to hold "
+                    "back, so the model is not calibrated; pass calibration_source to calibrate it",
+                    self.calibration_fraction,
+                )
         else:
             items, calibration_items = self._split_calibration(expand_training_inputs(source), calibration_source)
         self._build_network()

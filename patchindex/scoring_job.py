@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ._journal import Journal, atomic_path
+from ._journal import Journal, atomic_path, lock_file
 from ._maps import MAPS_FILE, MapStore, map_key
 from .calibration import DEFAULT_FPR, check_fpr
 from .data import ImageLoadError, UnreadableSource, expand_score_inputs, load_image
@@ -375,17 +375,10 @@ def _pending_batches(entries: list[_Entry], latest: dict[str, dict], batch_size:
 @contextmanager
 def _exclusive_lock(out: Path):
     """Hold an exclusive lock on `out`, raising ValueError when another job holds it."""
-    try:
-        import fcntl
-    except ImportError:
-        # NOTE: without fcntl (Windows), two jobs sharing an output folder are not detected.
-        yield
-        return
-    with open(out / LOCK_FILE, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another scoring job is writing into {out}; wait for it or choose another --out") from None
+    handle = lock_file(out / LOCK_FILE)
+    if handle is None:
+        raise ValueError(f"another scoring job is writing into {out}; wait for it or choose another --out")
+    with handle:
         yield
 
 

@@ -26,6 +26,8 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
+from ._journal import lock_file
+
 __all__ = ["ShardStore", "ShardWriter", "STORE_FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ logger = logging.getLogger(__name__)
 STORE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
+# Held by the one writer of a store folder; a finished store is read without it.
+LOCK_FILE = ".lock"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -105,6 +109,11 @@ class ShardWriter:
             raise ValueError(f"dim must be positive, got {dim}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_file(self.directory / LOCK_FILE)
+        if self._lock is None:
+            raise ValueError(
+                f"another process is writing an embedding store in {self.directory}; wait for it to finish or use another folder"
+            )
         self.dim = int(dim)
         self.dtype = dtype
         self.rows_per_shard = int(rows_per_shard)
@@ -117,12 +126,16 @@ class ShardWriter:
         self._file: h5py.File | None = None
         self._started = time.perf_counter()
 
-        if (self.directory / MANIFEST).exists():
-            raise ValueError(f"{self.directory} already contains a finished embedding store; use an empty folder")
-        if (self.directory / PROGRESS).exists():
-            self._resume()
-        elif any(self.directory.glob("shard-*.h5")):
-            raise ValueError(f"{self.directory} contains shard files but no {PROGRESS}; use an empty folder")
+        try:
+            if (self.directory / MANIFEST).exists():
+                raise ValueError(f"{self.directory} already contains a finished embedding store; use an empty folder")
+            if (self.directory / PROGRESS).exists():
+                self._resume()
+            elif any(self.directory.glob("shard-*.h5")):
+                raise ValueError(f"{self.directory} contains shard files but no {PROGRESS}; use an empty folder")
+        except BaseException:
+            self._lock.close()
+            raise
 
     def _resume(self) -> None:
         path = self.directory / PROGRESS
@@ -234,6 +247,7 @@ class ShardWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._lock.close()
 
     def close(self) -> "ShardStore":
         """Finish the store and return it for reading."""
@@ -242,6 +256,7 @@ class ShardWriter:
             self._file = None
         _write_json(self.directory / MANIFEST, self._describe(skipped=[list(item) for item in self.skipped]))
         (self.directory / PROGRESS).unlink(missing_ok=True)
+        self._lock.close()
 
         elapsed = time.perf_counter() - self._started
         logger.info(

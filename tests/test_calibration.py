@@ -50,6 +50,25 @@ def test_fit_calibration_folder(demo_data):
     assert model.calibration_.n_images == 4
 
 
+def test_fraction_with_calibration_source_rejected(demo_data):
+    model = PatchCore(progress=False, calibration_fraction=0.2)
+    with pytest.raises(ValueError, match="calibration_fraction is 0.2, but calibration_source is given too"):
+        model.fit(demo_data, calibration_source=demo_data / "test" / "good")
+
+
+def test_cli_fraction_with_calibration_data_rejected(demo_data, tmp_path, capsys):
+    from patchindex.cli import main
+
+    status = main([
+        "fit", "--data", str(demo_data), "--out", str(tmp_path / "model"), "-q",
+        "--calibration-fraction", "0.2", "--calibration-data", str(demo_data / "test" / "good"),
+    ])
+
+    assert status == 2
+    assert "--calibration-fraction 0.2 and --calibration-data are both given" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
+
+
 def test_calibration_fraction_rejected(demo_data):
     for fraction in (-0.1, 1.0, "0.1"):
         with pytest.raises(ValueError, match="calibration_fraction"):

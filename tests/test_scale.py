@@ -131,6 +131,15 @@ def test_fit_from_store_with_approximate_coreset(tmp_path):
         PatchCore(coreset_method="fast").fit(store)
 
 
+def test_fit_from_store_warns_calibration_fraction_ignored(tmp_path, caplog):
+    store = _synthetic_store(tmp_path / "store", 4 * 784, shard_rows=2 * 784)
+
+    model = PatchCore(coreset_ratio=0.05, calibration_fraction=0.2, progress=False).fit(store)
+
+    assert model.calibration_ is None
+    assert "calibration_fraction 0.2 is ignored when fitting a ShardStore" in caplog.text
+
+
 def test_fit_from_store_memory_is_bounded(tmp_path):
     # 600k patches of 152 float32 values are 365 MB. With 25k-row shards the approximate
     # coreset holds one projected shard (13 MB) and its working copies at a time.

@@ -170,3 +170,16 @@ def test_damaged_store_names_the_file(tmp_path, damage):
     expected = "manifest.json is damaged" if damage == "manifest" else "shard-00001.h5 is missing or damaged"
     with pytest.raises(ValueError, match=expected):
         ShardStore(tmp_path)
+
+
+def test_second_writer_of_folder_rejected(tmp_path):
+    first = ShardWriter(tmp_path, dim=8, dtype="float32")
+    first.add_image("a.png", *_image(np.random.default_rng(0), 4))
+
+    with pytest.raises(ValueError, match="another process is writing an embedding store in"):
+        ShardWriter(tmp_path, dim=8, dtype="float32")
+    store = first.close()
+
+    assert len(store) == 4
+    with pytest.raises(ValueError, match="already contains a finished embedding store"):
+        ShardWriter(tmp_path, dim=8, dtype="float32")
