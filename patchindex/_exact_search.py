@@ -8,23 +8,21 @@ x86) picks kernels for the CPU it runs on, so exact search on the CPU uses it.
 benchmarks/search.py measures both against that rate.
 
 Each query block meets each bank block in one product of the augmented rows
-``[q, 1] . [-2 b, |b|^2]`` = ``|b|^2 - 2 q.b``, so that the distances need no second pass
-before the minimum. Blocks of 2048 queries x 1024 bank rows (8 MiB of products) keep the
-products in cache for the minimum that follows. They were the fastest of the sizes tried on
-16k, 164k and 1M-row banks in benchmarks/search.py's setting (2 cores).
+``[q, 1] . [-2 b, |b|^2]`` = ``|b|^2 - 2 q.b``, so that the minimum reads the products
+directly, with no pass that adds the norms first. Blocks of 2048 queries x 1024 bank rows
+(8 MiB of products) keep the products in cache for the minimum that follows. They were the
+fastest of the sizes tried on 16k, 164k and 1M-row banks in benchmarks/search.py's setting
+(2 cores).
 """
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import numpy as np
 import torch
 
 __all__ = ["BANK_BLOCK", "QUERY_BLOCK", "exact_knn"]
-
-logger = logging.getLogger(__name__)
 
 QUERY_BLOCK = 2048
 BANK_BLOCK = 1024

@@ -30,7 +30,7 @@ CALIBRATION_QUERIES = 2000
 # nprobe 12 on magnetic_tile, where test patches needed more than 32 (0.987 at 32).
 SAFETY_FACTOR = 4
 # NOTE: auto does not compare the tuned index's speed with Flat's. On magnetic_tile's full bank
-# (597k vectors) it chose IVF1024 with nprobe 48, which searched at 0.8 times Flat's speed.
+# (597k vectors) it chose IVF1024 with nprobe 48, which searched at 0.8 to 1.0 times Flat's speed.
 
 _NPROBE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048)
 _EF_SEARCH_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
