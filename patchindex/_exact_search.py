@@ -60,6 +60,15 @@ def _nearest(queries: torch.Tensor, bank: torch.Tensor, buffer: torch.Tensor) ->
     """
     m, n = queries.shape[0], bank.shape[0]
     best = torch.full((m,), float("inf"), dtype=torch.float32)
+    labels = torch.empty(m, dtype=torch.int64)
+    if n <= BANK_BLOCK:
+        # A bank of one block, such as the centroids of an IVF quantizer, needs only the second pass.
+        block = _augment_bank(bank)
+        for query_start in range(0, m, QUERY_BLOCK):
+            stop = query_start + QUERY_BLOCK
+            torch.min(_products(queries[query_start:stop], block, buffer), dim=1, out=(best[query_start:stop], labels[query_start:stop]))
+        return best, labels
+
     best_block = torch.zeros(m, dtype=torch.int64)
     for block_number, bank_start in enumerate(range(0, n, BANK_BLOCK)):
         block = _augment_bank(bank[bank_start : bank_start + BANK_BLOCK])
@@ -69,7 +78,6 @@ def _nearest(queries: torch.Tensor, bank: torch.Tensor, buffer: torch.Tensor) ->
             best_block[query_start:stop].masked_fill_(minima < best[query_start:stop], block_number)
             torch.minimum(best[query_start:stop], minima, out=best[query_start:stop])
 
-    labels = torch.empty(m, dtype=torch.int64)
     order = torch.argsort(best_block, stable=True)
     block_numbers, counts = torch.unique_consecutive(best_block[order], return_counts=True)
     for block_number, rows in zip(block_numbers.tolist(), torch.split(order, counts.tolist())):

@@ -6,11 +6,14 @@ which picks one from the bank size and tunes it to a recall target (see `_index_
 FAISS L2 indexes return squared distances; `MemoryBankIndex.search` returns Euclidean ones,
 which is what PatchCore's patch scores and reweighting use. Flat search on the CPU runs as
 blocked torch matrix products (`_exact_search`), which are faster than the BLAS that faiss-cpu
-bundles. The Flat index still stores the vectors and is what is saved.
+bundles. The Flat index still stores the vectors and is what is saved. IVF indexes with an
+exact quantizer use the same products for k-means training, list assignment and the choice of
+lists to probe (`_index_ivf`), and FAISS for the rest.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -20,7 +23,7 @@ import faiss
 import numpy as np
 import torch
 
-from . import _faiss_gpu
+from . import _faiss_gpu, _index_ivf
 from ._exact_search import exact_knn
 from ._index_auto import CALIBRATION_QUERIES, choose_auto_spec, tune_search_params
 
@@ -252,10 +255,13 @@ class MemoryBankIndex:
         # NOTE: the last rows of a coreset are its last picks, which lie closer to other entries
         # than typical rows do. benchmarks/search.py checks the tuned recall on unseen patches.
         held_out = min(CALIBRATION_QUERIES, n // 10) if auto and spec != "Flat" else 0
+        plain_ivf = _index_ivf.is_plain_ivf(index)
+        train = functools.partial(_index_ivf.train, index) if plain_ivf else index.train
+        add = functools.partial(_index_ivf.add, index) if plain_ivf else index.add
         try:
             if not index.is_trained:
-                index.train(bank)
-            index.add(bank[: n - held_out])
+                train(bank)
+            add(bank[: n - held_out])
         except RuntimeError as error:
             raise ValueError(f"cannot build index {spec!r} on a memory bank of shape {bank.shape}: {_faiss_message(error)}") from None
         self.index_, self.spec_, self.bank_ = index, spec, bank
@@ -268,7 +274,7 @@ class MemoryBankIndex:
                 self.search_params, self.recall_target,
             )
             tuning_seconds = time.perf_counter() - built
-            index.add(bank[n - held_out :])
+            add(bank[n - held_out :])
         self._to_gpu()
         logger.info(
             "built %s index of %d vectors, d=%d, in %.2f s (%.2f s of it tuning); %s, search %s; %s",
@@ -291,6 +297,11 @@ class MemoryBankIndex:
             return "searching on GPU 0"
         if _flat_vectors(self.index_) is not None:
             return f"searching on CPU by torch matrix products with {torch.get_num_threads()} threads"
+        if _index_ivf.is_plain_ivf(self.index_):
+            return (
+                f"searching on CPU: lists chosen by torch matrix products with {torch.get_num_threads()} threads, "
+                f"scanned by FAISS with {faiss.omp_get_max_threads()} threads"
+            )
         return f"searching on CPU with {faiss.omp_get_max_threads()} FAISS threads"
 
     # -----------------------------------------------------------------------------------------
@@ -329,6 +340,8 @@ class MemoryBankIndex:
         vectors = _flat_vectors(self.index_)
         if vectors is not None:
             return exact_knn(queries, vectors, k)
+        if _index_ivf.is_plain_ivf(self.index_):
+            return _index_ivf.search(self.index_, queries, k)
         return self.index_.search(queries, k)
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -236,9 +236,14 @@ def test_backend_and_threads_logged(caplog):
     with caplog.at_level(logging.INFO, logger="patchindex.index"):
         MemoryBankIndex().build(bank)
         ivf = MemoryBankIndex("IVF8,Flat").build(bank)
+        MemoryBankIndex("HNSW8").build(bank)
     if not _faiss_gpu.available():
         assert ivf.backend == "CPU"
         assert f"searching on CPU by torch matrix products with {torch.get_num_threads()} threads" in caplog.text
+        assert (
+            f"lists chosen by torch matrix products with {torch.get_num_threads()} threads, "
+            f"scanned by FAISS with {faiss.omp_get_max_threads()} threads"
+        ) in caplog.text
         assert f"searching on CPU with {faiss.omp_get_max_threads()} FAISS threads" in caplog.text
 
 
