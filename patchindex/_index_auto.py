@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from ._exact_search import exact_knn
 
-__all__ = ["AUTO_FLAT_MAX", "CALIBRATION_QUERIES", "choose_auto_spec", "ivf_nlist", "tune_search_params"]
+__all__ = [
+    "AUTO_FLAT_MAX", "CALIBRATION_QUERIES", "MIN_SPEEDUP", "Tuning", "choose_auto_spec", "ivf_nlist", "tune_search_params",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +33,9 @@ CALIBRATION_QUERIES = 2000
 # tuning chose nprobe 3 on MVTec AD bottle, which reached recall@1 0.980 on test patches, and
 # nprobe 12 on magnetic_tile, where test patches needed more than 32 (0.987 at 32).
 SAFETY_FACTOR = 4
-# NOTE: auto does not compare the tuned index's speed with Flat's. On magnetic_tile's full bank
-# (597k vectors) it chose IVF1024 with nprobe 48, which searched at 0.8 to 1.0 times Flat's speed.
+# The tuned index is kept only if it searches the held-out vectors at least this many times as
+# fast as exact search does; otherwise auto builds Flat, which is exact and about as fast.
+MIN_SPEEDUP = 1.5
 
 _NPROBE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048)
 _EF_SEARCH_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -60,6 +65,20 @@ def choose_auto_spec(n: int) -> str:
     return f"IVF{ivf_nlist(n)},Flat"
 
 
+@dataclass
+class Tuning:
+    """Search parameters chosen by `tune_search_params` and what they were measured at."""
+
+    params: dict
+    recall: float  # recall@1 on the held-out queries at the smallest value that reached the aim
+    exact_seconds: float  # exact search of the held-out queries
+    approximate_seconds: float  # search of the held-out queries with `params`
+
+    @property
+    def speedup(self) -> float:
+        return self.exact_seconds / max(self.approximate_seconds, 1e-9)
+
+
 def _distances_to(queries: np.ndarray, vectors: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Return float64 Euclidean distances (m,) of queries to vectors[labels], inf where label is -1.
 
@@ -77,23 +96,27 @@ def tune_search_params(
     queries: np.ndarray,
     params: dict,
     recall_target: float,
-) -> dict:
+) -> Tuning | None:
     """Set nprobe or efSearch to SAFETY_FACTOR times the smallest value that reaches `recall_target`.
 
     `search(queries, k)` returns squared distances and labels of the index being tuned, which
     contains the vectors `indexed` (n, d) float32, and `set_params(**params)` changes its search
     parameters. `queries` (m, d) float32 must not be in the index. A hit is a distance no larger
     than the exact one, so ties and duplicates count. Recall is measured on `queries`. Returns
-    the chosen parameters. When no step reaches the target, the largest is kept and a warning
-    gives the recall it reached.
+    the chosen parameters with the search times of exact search and of the chosen setting on
+    `queries`, or None for an index without such parameters. When no step reaches the
+    target, the largest is kept and a warning gives the recall it reached.
     """
     if "nprobe" in params:
         name, steps = "nprobe", _NPROBE_STEPS
     elif "ef_search" in params:
         name, steps = "ef_search", _EF_SEARCH_STEPS
     else:
-        return {}
-    exact = _distances_to(queries, indexed, exact_knn(queries, indexed, 1)[1][:, 0])
+        return None
+    started = time.perf_counter()
+    exact_labels = exact_knn(queries, indexed, 1)[1][:, 0]
+    exact_seconds = time.perf_counter() - started
+    exact = _distances_to(queries, indexed, exact_labels)
 
     # Tuning aims at half the miss rate that the target allows, so that sampling noise of a
     # few thousand queries rarely leaves unseen queries below the target.
@@ -126,8 +149,12 @@ def tune_search_params(
         chosen = value
         break
     set_params(**{name: chosen})
+    started = time.perf_counter()
+    search(queries, 1)
+    tuning = Tuning({name: chosen}, recall, exact_seconds, time.perf_counter() - started)
     logger.info(
-        "auto index: %s=%d gives recall@1 %.4f on %d held-out bank vectors; %s=%d chosen for unseen queries",
-        name, reached, recall, len(queries), name, chosen,
+        "auto index: %s=%d gives recall@1 %.4f on %d held-out bank vectors; %s=%d, chosen for unseen queries, "
+        "searches them %.1f times as fast as exact search",
+        name, reached, recall, len(queries), name, chosen, tuning.speedup,
     )
-    return {name: chosen}
+    return tuning

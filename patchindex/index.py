@@ -25,7 +25,7 @@ import torch
 
 from . import _faiss_gpu, _index_ivf
 from ._exact_search import exact_knn
-from ._index_auto import CALIBRATION_QUERIES, choose_auto_spec, tune_search_params
+from ._index_auto import CALIBRATION_QUERIES, MIN_SPEEDUP, choose_auto_spec, tune_search_params
 
 __all__ = ["AUTO", "MIN_POINTS_PER_LIST", "MemoryBankIndex", "check_index_spec"]
 
@@ -269,12 +269,22 @@ class MemoryBankIndex:
 
         tuning_seconds = 0.0
         if held_out:
-            tune_search_params(
+            tuning = tune_search_params(
                 self._search_squared, self.set_search_params, bank[: n - held_out], bank[n - held_out :],
                 self.search_params, self.recall_target,
             )
             tuning_seconds = time.perf_counter() - built
-            add(bank[n - held_out :])
+            # NOTE: the speeds compared are those of CPU search, also where a GPU will search.
+            if tuning is not None and tuning.speedup < MIN_SPEEDUP and not self._want_gpu():
+                logger.info(
+                    "auto index: %s at %s searched %d held-out bank vectors %.2f times as fast as exact search, "
+                    "less than %.1f times; building Flat instead", spec, tuning.params, held_out, tuning.speedup, MIN_SPEEDUP,
+                )
+                spec, index = "Flat", _new_index("Flat", dim)
+                index.add(bank)
+                self.index_, self.spec_ = index, spec
+            else:
+                add(bank[n - held_out :])
         self._to_gpu()
         logger.info(
             "built %s index of %d vectors, d=%d, in %.2f s (%.2f s of it tuning); %s, search %s; %s",

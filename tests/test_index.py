@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from patchindex import _faiss_gpu, _index_auto
+from patchindex import index as index_module
 from patchindex._index_auto import choose_auto_spec, ivf_nlist
 from patchindex.index import MemoryBankIndex, check_index_spec
 
@@ -219,6 +220,8 @@ def test_auto_picks_by_bank_size():
 
 def test_auto_meets_recall_target(monkeypatch):
     monkeypatch.setattr(_index_auto, "AUTO_FLAT_MAX", 1000)
+    # Keep the tuned index whatever its speed, which on a bank this small is mostly overhead.
+    monkeypatch.setattr(index_module, "MIN_SPEEDUP", 0.0)
     bank = _clustered_bank(5000, 16, seed=13)
     queries = _clustered_bank(1000, 16, seed=14)
 
@@ -229,6 +232,25 @@ def test_auto_meets_recall_target(monkeypatch):
     assert set(index.search_params) == {"nprobe"}
     exact_distances, _ = _brute_force(bank, queries, 1)
     assert np.mean(distances[:, 0] <= exact_distances[:, 0] + 1e-4) >= 0.95
+
+
+@pytest.mark.skipif(_faiss_gpu.available(), reason="the speed check applies to CPU search only")
+def test_auto_builds_flat_when_not_faster(monkeypatch, caplog):
+    monkeypatch.setattr(_index_auto, "AUTO_FLAT_MAX", 1000)
+    monkeypatch.setattr(index_module, "MIN_SPEEDUP", 1e9)
+    bank = _clustered_bank(5000, 16, seed=13)
+    queries = _clustered_bank(100, 16, seed=14)
+
+    with caplog.at_level(logging.INFO, logger="patchindex.index"):
+        index = MemoryBankIndex("auto").build(bank)
+    distances, labels = index.search(queries, k=2)
+
+    assert index.spec_ == "Flat"
+    assert index.ntotal == 5000
+    assert "IVF64,Flat" in caplog.text
+    assert "building Flat instead" in caplog.text
+    exact_distances, exact_labels = _brute_force(bank, queries, 2)
+    np.testing.assert_array_equal(labels, exact_labels)
 
 
 def test_backend_and_threads_logged(caplog):
