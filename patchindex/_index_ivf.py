@@ -1,4 +1,4 @@
-"""Train, fill and search IVF indexes with torch matrix products for the coarse quantizer.
+"""Train, fill and search IVF indexes with `exact_knn`'s matrix products for the coarse quantizer.
 
 An IVF index spends most of its build time in the coarse quantizer: k-means training, then
 assigning every bank vector to its nearest centroid. Search starts the same way, by finding
@@ -23,7 +23,7 @@ import torch
 
 from ._exact_search import exact_knn
 
-__all__ = ["add", "is_plain_ivf", "search", "train"]
+__all__ = ["add", "is_plain_ivf", "prepare", "search", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,16 @@ logger = logging.getLogger(__name__)
 ADD_ROWS = 65536
 # Relative change that separates a copied centroid from the cluster it splits.
 _SPLIT_EPSILON = 1.0 / 1024
+
+
+def prepare(index: faiss.Index) -> None:
+    """Let a plain IVF index search its queries on all FAISS threads when lists are preassigned.
+
+    In parallel mode 0, FAISS splits the queries among threads in `search` and runs
+    `search_preassigned` on one thread. Mode 3 splits them inside `search_preassigned`, and
+    FAISS's own `search` still works. The mode is not saved with the index.
+    """
+    faiss.downcast_index(index).parallel_mode = 3
 
 
 def is_plain_ivf(index: faiss.Index) -> bool:
@@ -161,21 +171,24 @@ def _reserve(ivf: faiss.IndexIVF, added: np.ndarray) -> None:
         lists.resize(list_number, size)
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Search a plain IVF index for (m, d) float32 queries; return squared distances and labels, (m, k) each.
 
-    The nprobe nearest lists of each query come from `exact_knn`, and FAISS scans them.
+    The `nprobe` (default: the index's) nearest lists of each query come from `exact_knn`,
+    and FAISS scans them. Labels are -1 where the probed lists hold fewer than k vectors.
     """
     ivf = faiss.downcast_index(index)
-    if ivf.nprobe > ivf.nlist:
-        return ivf.search(queries, k)
-    centroid_distances, lists = exact_knn(queries, _centroids(ivf), ivf.nprobe)
+    nprobe = min(ivf.nprobe if nprobe is None else nprobe, ivf.nlist)
+    centroid_distances, lists = exact_knn(queries, _centroids(ivf), nprobe)
 
-    # In parallel mode 0, FAISS splits the queries among threads in `search` and runs
-    # `search_preassigned` on one thread. Mode 3 splits them inside `search_preassigned`.
-    mode = ivf.parallel_mode
-    ivf.parallel_mode = 3
-    try:
-        return ivf.search_preassigned(queries, k, lists, centroid_distances)
-    finally:
-        ivf.parallel_mode = mode
+    # nprobe goes in the call's parameters, so that a concurrent set_search_params cannot
+    # change it between choosing and scanning the lists.
+    params = faiss.SearchParametersIVF()
+    params.nprobe = nprobe
+    distances = np.empty((len(queries), k), dtype=np.float32)
+    labels = np.empty((len(queries), k), dtype=np.int64)
+    ivf.search_preassigned_c(
+        len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(lists), faiss.swig_ptr(centroid_distances),
+        faiss.swig_ptr(distances), faiss.swig_ptr(labels), False, params,
+    )
+    return distances, labels

@@ -230,7 +230,7 @@ class MemoryBankIndex:
         The bank is kept by reference (``bank_``) to return exact distances from lossy codes.
         """
         bank = np.ascontiguousarray(bank, dtype=np.float32)
-        if bank.ndim != 2 or bank.shape[0] < 1:
+        if bank.ndim != 2 or bank.shape[0] < 1 or bank.shape[1] < 1:
             raise ValueError(f"memory bank must be a non-empty (n, d) array, got shape {bank.shape}")
         if not np.isfinite(bank).all():
             raise ValueError("memory bank contains NaN or infinite values")
@@ -263,6 +263,8 @@ class MemoryBankIndex:
             add(bank[: n - held_out])
         except RuntimeError as error:
             raise ValueError(f"cannot build index {spec!r} on a memory bank of shape {bank.shape}: {_faiss_message(error)}") from None
+        if plain_ivf:
+            _index_ivf.prepare(index)
         self.index_, self.spec_, self.bank_ = index, spec, bank
         built = time.perf_counter()
 
@@ -273,7 +275,7 @@ class MemoryBankIndex:
                 self.search_params, self.recall_target,
             )
             tuning_seconds = time.perf_counter() - built
-            # NOTE: the speeds compared are those of CPU search, also where a GPU will search.
+            # The check times CPU search, so an index bound for a GPU keeps the tuned setting.
             if tuning is not None and tuning.speedup < MIN_SPEEDUP and not self._want_gpu():
                 logger.info(
                     "auto index: %s at %s searched %d held-out bank vectors %.2f times as fast as exact search, "
@@ -366,8 +368,8 @@ class MemoryBankIndex:
         if not finite.all():
             rows = np.flatnonzero(~finite)
             raise ValueError(f"{rows.size} of {len(queries)} queries contain NaN or infinite values, the first is row {rows[0]}")
-        if not 1 <= k <= self.index_.ntotal:
-            raise ValueError(f"k must be between 1 and the bank size {self.index_.ntotal}, got {k}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.index_.ntotal:
+            raise ValueError(f"k must be an integer between 1 and the bank size {self.index_.ntotal}, got {k!r}")
 
         m = queries.shape[0]
         started = time.perf_counter()
@@ -378,8 +380,7 @@ class MemoryBankIndex:
         for start in range(0, m, self.chunk_rows):
             stop = min(start + self.chunk_rows, m)
             squared, found = self._search_squared(queries[start:stop], candidates)
-            if self.bank_ is not None:
-                squared, found = self._repair(queries[start:stop], squared, found, exact)
+            squared, found = self._repair(queries[start:stop], squared, found, exact)
             squared, labels[start:stop] = squared[:, :k], found[:, :k]
             # Rounding in |x|^2 + |y|^2 - 2 x.y can leave tiny negative squares.
             np.sqrt(np.maximum(squared, 0.0), out=distances[start:stop])
@@ -392,22 +393,40 @@ class MemoryBankIndex:
         """Fill results that approximate search missed and replace approximate distances.
 
         IVF search returns label -1 when the probed lists hold fewer than k vectors: those
-        queries are searched exactly. Lossy codes give approximate distances: they are
-        recomputed from the bank and the candidates sorted again.
+        queries are searched exactly in the bank, or in all lists of an index loaded without
+        its bank. Lossy codes give approximate distances: they are recomputed from the bank
+        and the candidates sorted again.
         """
         missing = (labels < 0).any(axis=1)
         if missing.any():
-            logger.debug("%d queries had fewer than %d results; searching them exactly", missing.sum(), labels.shape[1])
+            logger.debug("%d queries had fewer than %d results; searching them again", missing.sum(), labels.shape[1])
             squared = squared.copy()
             labels = labels.copy()
-            squared[missing], labels[missing] = exact_knn(queries[missing], self.bank_, labels.shape[1])
-        if not exact:
+            if self.bank_ is not None:
+                squared[missing], labels[missing] = exact_knn(queries[missing], self.bank_, labels.shape[1])
+            else:
+                squared[missing], labels[missing] = self._search_all_lists(queries[missing], labels.shape[1])
+        if not exact and self.bank_ is not None:
             differences = queries[:, None, :] - self.bank_[labels]
             squared = np.einsum("mkd,mkd->mk", differences, differences)
             order = np.argsort(squared, axis=1, kind="stable")
             squared = np.take_along_axis(squared, order, axis=1)
             labels = np.take_along_axis(labels, order, axis=1)
         return squared, labels
+
+    def _search_all_lists(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search (m, d) float32 queries in every inverted list; return squared distances and labels."""
+        ivf = faiss.downcast_index(self.index_)
+        if _index_ivf.is_plain_ivf(self.index_):
+            return _index_ivf.search(self.index_, queries, k, nprobe=ivf.nlist)
+        if isinstance(ivf, faiss.IndexIVF):
+            params = faiss.SearchParametersIVF()
+            params.nprobe = ivf.nlist
+            return ivf.search(queries, k, params=params)
+        raise ValueError(
+            f"{len(queries)} queries found fewer than k={k} results in the probed lists of {self.spec_!r}; "
+            "raise nprobe, lower k, or load the index with its memory bank (bank=...)"
+        )
 
     # -----------------------------------------------------------------------------------------
     # Save and load
@@ -441,6 +460,8 @@ class MemoryBankIndex:
                 f"FAISS index {path} contains {index.ntotal} vectors of dimension {index.d}, "
                 f"but the memory bank has shape {bank.shape}"
             )
+        if _index_ivf.is_plain_ivf(index):
+            _index_ivf.prepare(index)
         instance.index_ = index
         instance.spec_ = factory
         instance.bank_ = None if bank is None else np.ascontiguousarray(bank, dtype=np.float32)

@@ -75,7 +75,7 @@ def test_index_rejects_bad_input(tmp_path):
     index = MemoryBankIndex().build(bank)
     with pytest.raises(ValueError, match=r"\(m, 4\)"):
         index.search(np.zeros((3, 5), np.float32))
-    with pytest.raises(ValueError, match="k must be between 1 and the bank size 10"):
+    with pytest.raises(ValueError, match="k must be an integer between 1 and the bank size 10"):
         index.search(np.zeros((3, 4), np.float32), k=11)
     with pytest.raises(ValueError, match="NaN"):
         MemoryBankIndex().build(np.full((3, 4), np.nan, np.float32))
@@ -272,3 +272,15 @@ def test_backend_and_threads_logged(caplog):
 def test_gpu_request_without_gpu_faiss_rejected():
     with pytest.raises(ValueError, match="use_gpu=True, but this FAISS has no GPU support"):
         MemoryBankIndex(use_gpu=True)
+
+
+def test_non_integer_k_rejected():
+    index = MemoryBankIndex().build(np.eye(4, dtype=np.float32))
+
+    with pytest.raises(ValueError, match="k must be an integer between 1 and the bank size 4, got 2.0"):
+        index.search(np.eye(4, dtype=np.float32), 2.0)
+
+
+def test_zero_width_bank_rejected():
+    with pytest.raises(ValueError, match=r"non-empty \(n, d\) array, got shape \(10, 0\)"):
+        MemoryBankIndex().build(np.ones((10, 0), dtype=np.float32))

@@ -125,3 +125,35 @@ def test_read_only_bank_accepted():
     index = MemoryBankIndex("IVF8,Flat").build(bank)
 
     assert index.ntotal == 2000
+
+
+def test_search_nprobe_argument_leaves_index_unchanged():
+    rng = np.random.default_rng(7)
+    bank = rng.standard_normal((3000, 8)).astype(np.float32)
+    queries = rng.standard_normal((100, 8)).astype(np.float32)
+    index = MemoryBankIndex("IVF16,Flat").build(bank).set_search_params(nprobe=1)
+
+    _, labels = _index_ivf.search(index.index_, queries, 3, nprobe=16)
+    _, exact_labels = MemoryBankIndex("Flat").build(bank).search(queries, 3)
+
+    np.testing.assert_array_equal(labels, exact_labels)
+    assert index.search_params == {"nprobe": 1}
+
+
+@pytest.mark.parametrize("spec", ["IVF64,Flat", "IVF64,SQ8", "IVF64_HNSW8,Flat"])
+def test_loaded_without_bank_fills_short_lists(tmp_path, spec):
+    rng = np.random.default_rng(8)
+    bank = rng.standard_normal((5000, 8)).astype(np.float32)
+    queries = rng.standard_normal((50, 8)).astype(np.float32)
+    MemoryBankIndex(spec).build(bank).save(tmp_path / "index.faiss")
+
+    loaded = MemoryBankIndex.load(tmp_path / "index.faiss", spec).set_search_params(nprobe=1)
+    distances, labels = loaded.search(queries, 500)
+
+    # One list of 64 holds about 80 vectors, so every query needs the other lists.
+    assert (labels >= 0).all()
+    assert np.isfinite(distances).all()
+    assert (np.diff(distances, axis=1) >= -1e-4).all()
+    if spec == "IVF64,Flat":
+        _, exact_labels = MemoryBankIndex("Flat").build(bank).search(queries, 500)
+        assert (np.sort(labels, axis=1) == np.sort(exact_labels, axis=1)).mean() > 0.999
