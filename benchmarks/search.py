@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from patchindex import PatchCore  # noqa: E402
-from patchindex._exact_search import BANK_BLOCK, QUERY_BLOCK, matmul_backend  # noqa: E402
+from patchindex._exact_search import BANK_BLOCK, QUERY_BLOCK  # noqa: E402
 from patchindex._index_auto import ivf_nlist  # noqa: E402
 from patchindex.data import load_mask, load_test_split  # noqa: E402
 from patchindex.index import MemoryBankIndex  # noqa: E402
@@ -105,9 +105,9 @@ class Bank:
 def matmul_gflops(size: int = 4096, repeats: int = 3) -> float:
     """Return the best float32 FLOP rate (GFLOP/s) of a (size x size) @ (size x size) product.
 
-    numpy and torch are both tried, and the faster is the bound. Each library's threads keep
-    spinning for a while after a product and slow what runs next, so the timed searches are
-    warmed up first.
+    numpy and torch are both tried, and the faster is the bound. torch goes last, because
+    numpy's OpenBLAS threads keep spinning for a while after a product and would slow the
+    torch search that follows.
     """
     best = 0.0
     a = torch.randn(size, size, dtype=torch.float32)
@@ -432,7 +432,7 @@ def report(banks: list[Bank], args, started: float) -> str:
             f"{bank.bound_gflops:.1f} GFLOP/s (best of torch and numpy 4096^3; best of {FLAT_REPEATS} Flat searches and of the "
             f"bound measured before, between and after them: Flat {', '.join(f'{rate:.0f}' for rate in bank.flat_runs)}, "
             f"bound {', '.join(f'{rate:.0f}' for rate in bank.bound_runs)}): "
-            f"{bank.flat_gflops / bank.bound_gflops:.2f} of the bound, with {matmul_backend()} matrix products of {QUERY_BLOCK} queries x "
+            f"{bank.flat_gflops / bank.bound_gflops:.2f} of the bound, with torch matrix products of {QUERY_BLOCK} queries x "
             f"{BANK_BLOCK} bank rows. FAISS's own IndexFlatL2 search on the first {FAISS_FLAT_QUERIES} queries: "
             f"{bank.faiss_flat_gflops:.1f} GFLOP/s ({bank.faiss_flat_gflops / bank.bound_gflops:.2f} of the bound)."
         )

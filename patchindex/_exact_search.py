@@ -1,12 +1,11 @@
-"""Exact k-NN search over the memory bank by blocked float32 matrix products.
+"""Exact k-NN search over the memory bank by blocked float32 matrix products in torch.
 
 Flat search is a matrix product followed by a minimum per row. faiss-cpu wheels compute the
 product with the OpenBLAS they bundle, which can fall back to old generic kernels on recent
 CPUs. On a 2-core Sapphire Rapids machine, faiss-cpu 1.15.1 (OpenBLAS 0.3.15, SSE3 kernels)
-searched at about a fifth of torch's float32 matrix-product rate. Here the products run in
-torch (MKL on x86) or numpy (a current OpenBLAS), whichever `matmul_backend` measures as
-faster, and the minima in torch. benchmarks/search.py measures the search against the
-faster library's rate.
+searched at about a fifth of torch's float32 matrix-product rate. torch's product (MKL on
+x86) picks kernels for the CPU it runs on, so exact search on the CPU uses it.
+benchmarks/search.py measures both against that rate.
 
 Each query block meets each bank block in one product of the augmented rows
 ``[q, 1] . [-2 b, |b|^2]`` = ``|b|^2 - 2 q.b``, so that the minimum reads the products
@@ -18,68 +17,15 @@ fastest of the sizes tried on 16k, 164k and 1M-row banks in benchmarks/search.py
 
 from __future__ import annotations
 
-import logging
-import time
 import warnings
 
 import numpy as np
 import torch
 
-__all__ = ["BANK_BLOCK", "QUERY_BLOCK", "exact_knn", "matmul_backend", "matmul_threads"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["BANK_BLOCK", "QUERY_BLOCK", "exact_knn"]
 
 QUERY_BLOCK = 2048
 BANK_BLOCK = 1024
-
-# "numpy" or "torch" once `matmul_backend` has measured them.
-_backend: str | None = None
-
-
-def matmul_backend() -> str:
-    """Return the library whose float32 matrix product runs faster on this machine, measured once.
-
-    torch uses MKL on x86 and numpy its own OpenBLAS. Which is faster depends on the CPU and
-    the thread count: with 2 threads on an AMD EPYC, numpy multiplied this module's blocks about
-    1.4 times as fast as torch. Each library multiplies a (QUERY_BLOCK, 153) block by a
-    (153, BANK_BLOCK) block 5 times, and the best times are compared.
-    """
-    global _backend
-    if _backend is None:
-        rng = np.random.default_rng(0)
-        queries = rng.standard_normal((QUERY_BLOCK, 153), dtype=np.float32)
-        bank = rng.standard_normal((BANK_BLOCK, 153), dtype=np.float32)
-        out = np.empty((QUERY_BLOCK, BANK_BLOCK), dtype=np.float32)
-        seconds = {}
-        for name, multiply in (
-            ("numpy", lambda: np.matmul(queries, bank.T, out=out)),
-            ("torch", lambda: torch.mm(torch.from_numpy(queries), torch.from_numpy(bank).T, out=torch.from_numpy(out))),
-        ):
-            multiply()
-            timings = []
-            for _ in range(5):
-                started = time.perf_counter()
-                multiply()
-                timings.append(time.perf_counter() - started)
-            seconds[name] = min(timings)
-        _backend = min(seconds, key=seconds.get)
-        logger.info(
-            "exact search multiplies with %s: a block product took %.2f ms in numpy and %.2f ms in torch",
-            _backend, 1e3 * seconds["numpy"], 1e3 * seconds["torch"],
-        )
-    return _backend
-
-
-def matmul_threads() -> int | None:
-    """Return the thread count of the library that `matmul_backend` chose, None where unknown."""
-    if matmul_backend() == "torch":
-        return torch.get_num_threads()
-    from threadpoolctl import threadpool_info  # installed with scikit-learn
-
-    for pool in threadpool_info():
-        if pool.get("user_api") == "blas" and "numpy" in pool.get("filepath", ""):
-            return pool.get("num_threads")
-    return None
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -101,9 +47,6 @@ def _augment_bank(block: torch.Tensor) -> torch.Tensor:
 def _products(queries: torch.Tensor, bank_block: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """Return |b|^2 - 2 q.b (m, n) for augmented queries (m, d + 1) and bank rows (n, d + 1)."""
     out = buffer[: queries.shape[0] * bank_block.shape[0]].view(queries.shape[0], bank_block.shape[0])
-    if matmul_backend() == "numpy":
-        np.matmul(queries.numpy(), bank_block.numpy().T, out=out.numpy())
-        return out
     return torch.mm(queries, bank_block.T, out=out)
 
 

@@ -5,8 +5,8 @@ An index is chosen with a FAISS index factory string and always uses the L2 metr
 which picks one from the bank size and tunes it to a recall target (see `_index_auto`).
 FAISS L2 indexes return squared distances; `MemoryBankIndex.search` returns Euclidean ones,
 which is what PatchCore's patch scores and reweighting use. Flat search on the CPU runs as
-blocked matrix products in torch or numpy (`_exact_search`), which are faster than the BLAS
-that faiss-cpu bundles. The Flat index still stores the vectors and is what is saved. IVF indexes with an
+blocked torch matrix products (`_exact_search`), which are faster than the BLAS that faiss-cpu
+bundles. The Flat index still stores the vectors and is what is saved. IVF indexes with an
 exact quantizer use the same products for k-means training, list assignment and the choice of
 lists to probe (`_index_ivf`), and FAISS for the rest.
 """
@@ -21,9 +21,10 @@ import time
 
 import faiss
 import numpy as np
+import torch
 
 from . import _faiss_gpu, _index_ivf
-from ._exact_search import exact_knn, matmul_backend, matmul_threads
+from ._exact_search import exact_knn
 from ._index_auto import CALIBRATION_QUERIES, MIN_SPEEDUP, choose_auto_spec, tune_search_params
 
 __all__ = ["AUTO", "MIN_POINTS_PER_LIST", "MemoryBankIndex", "check_index_spec"]
@@ -306,11 +307,13 @@ class MemoryBankIndex:
     def _describe_backend(self) -> str:
         if self._gpu_index is not None:
             return "searching on GPU 0"
-        products = f"{matmul_backend()} matrix products with {matmul_threads() or 'an unknown number of'} threads"
         if _flat_vectors(self.index_) is not None:
-            return f"searching on CPU by {products}"
+            return f"searching on CPU by torch matrix products with {torch.get_num_threads()} threads"
         if _index_ivf.is_plain_ivf(self.index_):
-            return f"searching on CPU: lists chosen by {products}, scanned by FAISS with {faiss.omp_get_max_threads()} threads"
+            return (
+                f"searching on CPU: lists chosen by torch matrix products with {torch.get_num_threads()} threads, "
+                f"scanned by FAISS with {faiss.omp_get_max_threads()} threads"
+            )
         return f"searching on CPU with {faiss.omp_get_max_threads()} FAISS threads"
 
     # -----------------------------------------------------------------------------------------

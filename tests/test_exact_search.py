@@ -12,26 +12,12 @@ def _brute_force(bank, queries, k):
     return np.take_along_axis(squared, order, axis=1), order
 
 
-@pytest.fixture(
-    params=[(2048, 1024, "torch"), (2048, 1024, "numpy"), (7, 5, "torch"), (7, 5, "numpy")],
-    ids=["default-blocks-torch", "default-blocks-numpy", "tiny-blocks-torch", "tiny-blocks-numpy"],
-)
+@pytest.fixture(params=[(2048, 1024), (7, 5)], ids=["default-blocks", "tiny-blocks"])
 def blocks(request, monkeypatch):
-    """Run with the default blocks and with blocks so small that every case spans many, in both libraries."""
+    """Run with the default blocks and with blocks so small that every case spans many."""
     monkeypatch.setattr(_exact_search, "QUERY_BLOCK", request.param[0])
     monkeypatch.setattr(_exact_search, "BANK_BLOCK", request.param[1])
-    monkeypatch.setattr(_exact_search, "_backend", request.param[2])
     return request.param
-
-
-def test_matmul_backend_measured_once(monkeypatch):
-    monkeypatch.setattr(_exact_search, "_backend", None)
-
-    first = _exact_search.matmul_backend()
-
-    assert first in ("numpy", "torch")
-    assert _exact_search._backend == first
-    assert _exact_search.matmul_backend() == first
 
 
 @pytest.mark.parametrize("k", [1, 3, 9, 61])

@@ -3,10 +3,10 @@ import logging
 import faiss
 import numpy as np
 import pytest
+import torch
 
 from patchindex import _faiss_gpu, _index_auto
 from patchindex import index as index_module
-from patchindex._exact_search import matmul_backend, matmul_threads
 from patchindex._index_auto import choose_auto_spec, ivf_nlist
 from patchindex.index import MemoryBankIndex, check_index_spec
 
@@ -261,10 +261,11 @@ def test_backend_and_threads_logged(caplog):
         MemoryBankIndex("HNSW8").build(bank)
     if not _faiss_gpu.available():
         assert ivf.backend == "CPU"
-        products = f"{matmul_backend()} matrix products with {matmul_threads()} threads"
-        assert matmul_threads() >= 1
-        assert f"searching on CPU by {products}" in caplog.text
-        assert f"lists chosen by {products}, scanned by FAISS with {faiss.omp_get_max_threads()} threads" in caplog.text
+        assert f"searching on CPU by torch matrix products with {torch.get_num_threads()} threads" in caplog.text
+        assert (
+            f"lists chosen by torch matrix products with {torch.get_num_threads()} threads, "
+            f"scanned by FAISS with {faiss.omp_get_max_threads()} threads"
+        ) in caplog.text
         assert f"searching on CPU with {faiss.omp_get_max_threads()} FAISS threads" in caplog.text
 
 
