@@ -402,14 +402,20 @@ def best_fast_config(bank: Bank, min_recall: float = 0.99) -> Row | None:
     return max(candidates, key=lambda row: row.qps, default=None)
 
 
-def report(banks: list[Bank], args, started: float) -> str:
+def git_revision() -> str:
+    """Return the short commit of the checkout, with "+changes" when files differ from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout
+    return (head or "unknown") + ("+changes" if changed.strip() else "")
+
+
+def report(banks: list[Bank], args, started: float, revision: str) -> str:
     command = "python " + " ".join(shlex.quote(part) for part in sys.argv)
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     lines = [
         "",
         f"## search.py, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
-        f"Command: `{command}` at commit {revision or 'unknown'} ({(time.perf_counter() - started) / 60:.0f} min)",
+        f"Command: `{command}` at commit {revision} ({(time.perf_counter() - started) / 60:.0f} min)",
         f"Machine: {platform.machine()}, {faiss.omp_get_max_threads()} FAISS threads, {torch.get_num_threads()} torch threads, "
         f"FAISS {faiss.__version__}, torch {torch.__version__}; searches on the CPU.",
         f"Queries: {TIMED_QUERIES} per bank at most (real banks: random test-image patches; synthetic: fresh draws "
@@ -515,6 +521,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("patchindex").setLevel(logging.WARNING)
     started = time.perf_counter()
+    # The code that runs is the code at start: later commits must not be credited with it.
+    revision = git_revision()
     strides = {item.rsplit(":", 1)[0]: int(item.rsplit(":", 1)[1]) for item in args.test_stride}
 
     banks: list[Bank] = []
@@ -552,7 +560,7 @@ def main() -> None:
         banks.append(bank)
         print(json.dumps({"bank": bank.name, "rows": [row.__dict__ for row in bank.rows]}), flush=True)
 
-    text = report(banks, args, started)
+    text = report(banks, args, started, revision)
     print(text)
     plot_path = RESULTS.parent / f"search_recall_qps_{datetime.now(timezone.utc):%Y%m%d_%H%M}.png"
     plot(banks, plot_path)
