@@ -34,7 +34,7 @@ CALIBRATION_QUERIES = 2000
 # nprobe 12 on magnetic_tile, where test patches needed more than 32 (0.987 at 32).
 SAFETY_FACTOR = 4
 # The tuned index is kept only if it searches the held-out vectors at least this many times as
-# fast as exact search does; otherwise auto builds Flat, which is exact and about as fast.
+# fast as exact search does. Otherwise auto builds Flat, which is exact and about as fast.
 MIN_SPEEDUP = 1.5
 
 _NPROBE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048)

@@ -175,7 +175,7 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None =
     """Search a plain IVF index for (m, d) float32 queries; return squared distances and labels, (m, k) each.
 
     The `nprobe` (default: the index's) nearest lists of each query come from `exact_knn`,
-    and FAISS scans them. Labels are -1 where the probed lists hold fewer than k vectors.
+    and FAISS scans them. Labels are -1 where the probed lists contain fewer than k vectors.
     """
     ivf = faiss.downcast_index(index)
     nprobe = min(ivf.nprobe if nprobe is None else nprobe, ivf.nlist)

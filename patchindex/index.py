@@ -395,10 +395,10 @@ class MemoryBankIndex:
     def _repair(self, queries, squared, labels, exact: bool):
         """Fill results that approximate search missed and replace approximate distances.
 
-        IVF search returns label -1 when the probed lists hold fewer than k vectors: those
+        IVF search returns label -1 when the probed lists contain fewer than k vectors. Those
         queries are searched exactly in the bank, or in all lists of an index loaded without
-        its bank. Lossy codes give approximate distances: they are recomputed from the bank
-        and the candidates sorted again.
+        its bank. Lossy codes give approximate distances, so these are recomputed from the
+        bank and the candidates sorted again.
         """
         missing = (labels < 0).any(axis=1)
         if missing.any():

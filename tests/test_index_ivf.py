@@ -150,7 +150,7 @@ def test_loaded_without_bank_fills_short_lists(tmp_path, spec):
     loaded = MemoryBankIndex.load(tmp_path / "index.faiss", spec).set_search_params(nprobe=1)
     distances, labels = loaded.search(queries, 500)
 
-    # One list of 64 holds about 80 vectors, so every query needs the other lists.
+    # One list of 64 contains about 80 vectors, so every query needs the other lists.
     assert (labels >= 0).all()
     assert np.isfinite(distances).all()
     assert (np.diff(distances, axis=1) >= -1e-4).all()
