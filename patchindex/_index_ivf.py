@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 import torch
 
-from ._exact_search import exact_knn
+from ._exact_search import _as_tensor, exact_knn
 
 __all__ = ["add", "is_plain_ivf", "prepare", "search", "train"]
 
@@ -77,7 +77,7 @@ def kmeans(sample: np.ndarray, n_clusters: int, n_iterations: int, seed: int) ->
             part = sample[start : start + ADD_ROWS]
             labels = torch.from_numpy(exact_knn(part, centroids, 1)[1][:, 0])
             counts += torch.bincount(labels, minlength=n_clusters)
-            sums.index_add_(0, labels, torch.from_numpy(part.copy()))
+            sums.index_add_(0, labels, _as_tensor(part))
 
         occupied = counts > 0
         updated = torch.from_numpy(centroids.copy())
@@ -116,8 +116,9 @@ def train(index: faiss.Index, bank: np.ndarray, seed: int = 1234) -> None:
     started = time.perf_counter()
     n = bank.shape[0]
     n_sample = min(n, ivf.cp.max_points_per_centroid * ivf.nlist)
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=n_sample, replace=False)) if n_sample < n else None
-    sample = bank if rows is None else bank[rows]
+    sample = bank
+    if n_sample < n:
+        sample = bank[np.sort(np.random.default_rng(seed).choice(n, size=n_sample, replace=False))]
 
     centroids = kmeans(sample, ivf.nlist, ivf.cp.niter, seed)
     ivf.quantizer.add(centroids)
