@@ -70,7 +70,7 @@ class Tuning:
     """Search parameters chosen by `tune_search_params` and what they were measured at."""
 
     params: dict
-    recall: float  # recall@1 on the held-out queries at the smallest value that reached the aim
+    recall: float  # recall@1 on the held-out queries at the smallest value that reached the aim, else the largest tried
     exact_seconds: float  # exact search of the held-out queries
     approximate_seconds: float  # search of the held-out queries with `params`
 
